@@ -1,0 +1,64 @@
+"""The demo's steps after embedding: train its SAE, store its codes, profile its labels.
+
+So that ``python scripts/build_index.py`` alone leaves everything the app needs. Each step is
+skipped when its output is already there (a re-run is cheap and resumes an interrupted one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .manifest import read_json
+from .store import EmbeddingStore, write_manifest
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTES = "attributes.parquet"
+
+
+def write_attributes(store: EmbeddingStore, membership) -> Path:
+    """Per-image 0/1 label columns aligned with the store's rows (the bias panel's ground truth)."""
+    df = pd.DataFrame(membership.matrix.astype(np.uint8), columns=list(membership.labels))
+    path = store.dir / ATTRIBUTES
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def set_default_sae(store: EmbeddingStore, sae_dir: Path) -> None:
+    m = dict(store.manifest)
+    m["default_sae"] = os.path.relpath(sae_dir.resolve(), store.dir.resolve())
+    write_manifest(store.dir, m)
+
+
+def demo_sae_and_labels(index_dir: Path, sae_dir: Path, annotations: Path, progress: bool = True) -> dict[str, str]:
+    from .annotations import read_annotations
+    from .labels import build_profiles
+    from .sae import TopKSAE
+    from .sae_codes import encode_corpus
+    from .sae_train import TrainConfig, train_sae
+
+    report = sae_dir / "report.json"
+    if not report.exists():
+        print(f"training the demo SAE into {sae_dir}", flush=True)
+        train_sae(TrainConfig(index_dir=str(index_dir), out_dir=str(sae_dir), progress=progress))
+    encode_corpus(index_dir, sae_dir, progress=progress)
+    store = EmbeddingStore.open(index_dir)
+    sae = TopKSAE.from_pretrained(sae_dir)
+    membership = read_annotations(annotations, store)
+    labels_dir = sae_dir / "labels"
+    build_profiles(store, sae, membership, sae_dir=sae_dir).save(labels_dir)
+    write_attributes(store, membership)
+    set_default_sae(store, sae_dir)
+    metrics = read_json(report) if report.exists() else {}
+    fvu = metrics.get("fvu", metrics.get("val", {}).get("fvu") if isinstance(metrics.get("val"), dict) else None)
+    return {
+        "sae": str(sae_dir) + (f" (validation FVU {fvu:.3f})" if isinstance(fvu, (int, float)) else ""),
+        "label profiles": f"{labels_dir} ({len(membership.labels)} labels)",
+    }
