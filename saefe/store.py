@@ -151,6 +151,8 @@ def write_store(
         **(extra_manifest or {}),
     }
     write_json_atomic(d / MANIFEST, manifest)
+    if not manifest["complete"]:  # the caller finishes it (e.g. adds the FAISS index first)
+        return None  # type: ignore[return-value]
     return EmbeddingStore.open(d)
 
 

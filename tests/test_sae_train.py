@@ -27,7 +27,7 @@ def planted(tmp_path_factory):
 
 
 def _cfg(index, out, **kw):
-    base = dict(index_dir=str(index), out_dir=str(out), d_hidden=128, k=4, epochs=4, batch_size=128, lr=3e-3, progress=False, device="cpu")
+    base = dict(index_dir=str(index), out_dir=str(out), d_hidden=128, k=4, epochs=4, batch_size=128, lr=1e-2, progress=False, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
