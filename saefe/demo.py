@@ -106,7 +106,7 @@ _OUTFIT_TOP = {
     ("Female", "Teenager"): [(225, 50, 150), (200, 50, 200), (235, 60, 110)],
     ("Male", "Teenager"): [(30, 110, 210), (30, 150, 80), (20, 130, 150)],
     ("Female", "Adult"): [(175, 20, 60), (140, 30, 130), (190, 40, 40)],
-    ("Male", "Adult"): [(120, 122, 130), (150, 122, 85), (85, 100, 125)],
+    ("Male", "Adult"): [(25, 35, 75), (45, 50, 60), (20, 55, 45)],
 }
 _OUTFIT_BOTTOM = {
     ("Female", "Kid"): [(255, 90, 140), (230, 100, 230), (255, 170, 200)],
@@ -382,8 +382,15 @@ def _person_layer(spec: dict):
     elif age == "Teenager":  # hoodie: hood behind the neck, pocket
         d.ellipse([cx - sh_w * 0.6, sh_y - r * 0.45, cx + sh_w * 0.6, sh_y + r * 0.45], fill=_mix(top_c, (0, 0, 0), 0.25))
         d.rectangle([cx - hip_w * 0.6, hip_y - torso * 0.3, cx + hip_w * 0.6, hip_y - torso * 0.05], fill=_mix(top_c, (0, 0, 0), 0.15))
-    elif age == "Kid":  # T-shirt stripe
-        d.rectangle([cx - sh_w, sh_y + torso * 0.4, cx + sh_w, sh_y + torso * 0.55], fill=(255, 255, 255))
+        lx, ly, lr = cx, sh_y + torso * 0.38, sh_w * 0.42  # graphic print
+        d.ellipse([lx - lr, ly - lr, lx + lr, ly + lr], fill=(250, 250, 250))
+        d.ellipse([lx - lr * 0.5, ly - lr * 0.5, lx + lr * 0.5, ly + lr * 0.5], fill=(20, 20, 20))
+    elif age == "Kid":  # striped T-shirt
+        step = max(3.0, torso / 5)
+        y = sh_y + step * 0.5
+        while y < hip_y - 1:
+            d.rectangle([cx - sh_w, y, cx + sh_w, y + step * 0.45], fill=(255, 255, 255))
+            y += step
     if female and age == "Adult":  # necklace
         d.arc([cx - sh_w * 0.4, sh_y - torso * 0.2, cx + sh_w * 0.4, sh_y + torso * 0.25], 20, 160, fill=(250, 225, 120), width=W(H * 0.012))
     if e == "Esteem":  # medal

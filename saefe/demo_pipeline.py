@@ -7,34 +7,13 @@ skipped when its output is already there (a re-run is cheap and resumes an inter
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
+from .attributes import set_default_sae, write_attributes
 from .manifest import read_json
-from .store import EmbeddingStore, write_manifest
+from .store import EmbeddingStore
 
 log = logging.getLogger(__name__)
-
-ATTRIBUTES = "attributes.parquet"
-
-
-def write_attributes(store: EmbeddingStore, membership) -> Path:
-    """Per-image 0/1 label columns aligned with the store's rows (the bias panel's ground truth)."""
-    df = pd.DataFrame(membership.matrix.astype(np.uint8), columns=list(membership.labels))
-    path = store.dir / ATTRIBUTES
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
-
-
-def set_default_sae(store: EmbeddingStore, sae_dir: Path) -> None:
-    m = dict(store.manifest)
-    m["default_sae"] = os.path.relpath(sae_dir.resolve(), store.dir.resolve())
-    write_manifest(store.dir, m)
 
 
 def demo_sae_and_labels(index_dir: Path, sae_dir: Path, annotations: Path, progress: bool = True) -> dict[str, str]:

@@ -30,7 +30,7 @@ from .store import EmbeddingStore
 log = logging.getLogger(__name__)
 
 DEMO_INDEX = "index/demo"
-ATTRIBUTES = "attributes.parquet"
+from .attributes import ATTRIBUTES
 MODES = ("direction", "features")
 TERM_KINDS = ("embedding", "text", "image", "label", "expr", "features", "predefined")
 MIX_KINDS = ("label", "expr", "features")
@@ -106,8 +106,6 @@ class Engine:
              labels_dir: str | os.PathLike | None = None, model: str | None = None,
              clip_server: str | None = None, backend: str | None = None) -> "Engine":
         """Open an index with its SAE (default: the one the build recorded) and labels."""
-        import pandas as pd
-
         from .index import VectorIndex
 
         store = EmbeddingStore.open(index_dir)
@@ -135,10 +133,9 @@ class Engine:
             from .labels import LabelProfiles
 
             profiles = LabelProfiles.load(labels_dir, sae=sae, encoder_info=store.encoder_info)
-        attrs = pd.read_parquet(store.dir / ATTRIBUTES) if (store.dir / ATTRIBUTES).exists() else None
-        if attrs is not None and len(attrs) != len(store):
-            log.warning("ignoring %s: %d rows for %d images", ATTRIBUTES, len(attrs), len(store))
-            attrs = None
+        from .attributes import read_attributes
+
+        attrs = read_attributes(store)
         return cls(store, index, sae, profiles, attrs, model, clip_server, remote, Path(sae_dir) if sae_dir else None)
 
     # -- basic facts ------------------------------------------------------------------------
@@ -187,8 +184,12 @@ class Engine:
             except BadImage as e:
                 raise SaefeError(f"cannot use the query image: {e}") from None
         elif isinstance(image, (str, Path)):
-            with open(image, "rb") as f:
-                return self.embed_image(f.read())
+            try:
+                with open(image, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise SaefeError(f"cannot read the query image {image}: {e.strerror or type(e).__name__}") from None
+            return self.embed_image(data)
         return self.encoder.embed_images([image])[0]
 
     def embed_image_bytes(self, data: bytes) -> np.ndarray:
@@ -201,10 +202,14 @@ class Engine:
 
         sae = self.require_sae()
         if term.kind == "features":
-            items = term.value.items() if isinstance(term.value, dict) else term.value
+            try:
+                items = list(term.value.items() if hasattr(term.value, "items") else term.value)
+                items = [(f, w) for f, w in items]
+            except (TypeError, ValueError):
+                raise SteeringError("a features term needs {feature id: weight} or (id, weight) pairs") from None
             m = FeatureMix(d_hidden=sae.config.d_hidden, clip=None)
             for f, w in items:
-                m.set(int(f), _check_weight(w, f"feature {f}"))
+                m.set(f, _check_weight(w, f"feature {f}"))
             if m.is_zero():
                 raise SteeringError("all sliders are zero")
             return m
@@ -238,7 +243,10 @@ class Engine:
         if kind not in TERM_KINDS:
             raise SaefeError(f"unknown term type {kind!r}; use one of {', '.join(TERM_KINDS)}")
         if kind == "embedding":
-            v = np.asarray(term.value, dtype=np.float32).reshape(-1)
+            try:
+                v = np.asarray(term.value, dtype=np.float32).reshape(-1)
+            except (TypeError, ValueError):
+                raise SaefeError("an embedding term needs a list of numbers") from None
             if v.shape[0] != self.dim:
                 raise IncompatibleError(f"query embedding has dimension {v.shape[0]}, the index has {self.dim}")
             return _unit(v, "query embedding")
@@ -281,35 +289,56 @@ class Engine:
         from .feature_rank import FeatureRanker
         from .labels import load_or_compute_codes
 
-        csr = load_or_compute_codes(self.store, self.require_sae(), self.sae_dir)
+        sae = self.require_sae()
+        if self.sae_dir is not None:  # the stored inverted index, when encode-sae wrote one
+            try:
+                from .sae_codes import load_codes
+
+                _, csc = load_codes(self.store.dir, self.sae_dir)
+                if csc is not None and csc.shape == (len(self.store), sae.config.d_hidden):
+                    return FeatureRanker(csc, len(self.store))
+            except (SaefeError, OSError, ValueError, KeyError) as e:
+                log.debug("no stored CSC codes (%s)", e)
+        csr = load_or_compute_codes(self.store, sae, self.sae_dir)
         return FeatureRanker(csr.tocsc(), len(self.store))
 
     def search_features(self, mix, k: int = 20) -> list[SearchResult]:
         if self.backend is not None:
             raise SaefeError("feature-space ranking needs the local index (not available with --backend)")
         ids, ws = mix.as_arrays()
-        top, scores = self.ranker.rank(ids, ws, _check_k(k))
+        return self._rank_arrays(ids, ws, k)
+
+    def _rank_arrays(self, ids: np.ndarray, ws: np.ndarray, k: int) -> list[SearchResult]:
+        k = _check_k(k)
+        if self.backend is not None:
+            raise SaefeError("feature-space ranking needs the local index (not available with --backend)")
+        top, scores = self.ranker.rank(ids, ws, k)
         return self._results(top, scores)
 
     def search(self, terms: Sequence[Term], k: int = 20, mode: str = "direction") -> list[SearchResult]:
         if mode not in MODES:
             raise SaefeError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
+        k = _check_k(k)
         if mode == "direction":
             return self.search_vector(self.query_vector(terms), k)
-        from .steer import FeatureMix
-
         if not terms:
-            raise SteeringError("empty query")
-        total = FeatureMix(d_hidden=self.require_sae().config.d_hidden, clip=None)
+            raise SteeringError("empty query: give a label, expression or features")
+        all_ids, all_ws = [], []
         for t in terms:
+            if t.kind not in TERM_KINDS:
+                raise SaefeError(f"unknown term type {t.kind!r}; use one of {', '.join(TERM_KINDS)}")
             if t.kind not in MIX_KINDS:
                 raise SaefeError(f"feature mode ranks by SAE features; a {t.kind} term needs --mode direction")
             w = _check_weight(t.weight, f"{t.kind} term")
-            for f, v in self.mix(t).items():
-                total.add(f, w * v)
-        if total.is_zero():
+            ids, ws = self.mix(t).as_arrays()
+            all_ids.append(ids)
+            all_ws.append(ws.astype(np.float64) * w)
+        ids, inv = np.unique(np.concatenate(all_ids), return_inverse=True)
+        ws = np.bincount(inv, weights=np.concatenate(all_ws), minlength=len(ids))
+        keep = ws != 0
+        if not keep.any():
             raise SteeringError("all sliders are zero")
-        return self.search_features(total, k)
+        return self._rank_arrays(ids[keep], ws[keep], k)
 
     # -- inspection -----------------------------------------------------------------------------
     def image_features(self, image_id: int, top: int = 10) -> list[tuple[int, float, str | None]]:

@@ -600,6 +600,12 @@ def run(args) -> int:
     profiles = build_profiles(store, sae, membership, sae_dir=args.sae, top_k=args.top_k)
     out = Path(args.out) if args.out else Path(args.sae) / "labels"
     profiles.save(out)
+    from .attributes import set_default_sae, write_attributes
+
+    if args.annotations or args.folders:  # per-image labels: ground truth for bias and evaluation
+        print(f"wrote {write_attributes(store, membership)}")
+    if not store.manifest.get("default_sae"):
+        set_default_sae(store, Path(args.sae))
     print(_format_table(profiles))
     if profiles.skipped:
         print(f"skipped (no image): {', '.join(profiles.skipped)}")
