@@ -51,6 +51,7 @@ SLIDER_STEP = 0.001
 CSS = """
 #saefe-status p {margin: 0}
 .saefe-err {color: #b00020; font-weight: 600}
+.saefe-ok {color: #1b5e20}
 .saefe-slider-group .form {gap: 2px}
 """
 
@@ -131,7 +132,7 @@ class MixState:
             by_feature.setdefault(f, []).append(float(v or 0.0))
         for f, vs in by_feature.items():
             p = prev.get(f, 0.0)
-            changed = [v for v in vs if abs(v - p) > 1e-9]
+            changed = [v for v in vs if abs(v - p) > SLIDER_STEP / 2]  # sliders show 3 decimals
             w = changed[-1] if changed else p
             if w != 0.0:
                 mix.set(f, w)
@@ -168,9 +169,9 @@ class MixState:
                     f"(features left: {', '.join(f'f{x}' for x in extra[:8])})"
                 ) from None
             custom[i] = f
-        sliders = [float(mix.get(f, 0.0)) for f in self.slots]
+        sliders = [round(float(mix.get(f, 0.0)), 3) for f in self.slots]
         cids = [f"f{f}" if f is not None else "" for f in custom]
-        cws = [float(mix.get(f, 0.0)) if f is not None else 0.0 for f in custom]
+        cws = [round(float(mix.get(f, 0.0)), 3) if f is not None else 0.0 for f in custom]
         return sliders + cids + cws
 
     def touched(self, values: Sequence) -> list[int]:
@@ -244,7 +245,7 @@ def result_json(engine: Engine, r: SearchResult, rank: int) -> dict[str, Any]:
 
 def caption(r: dict[str, Any]) -> str:
     size = f"{r['width']}×{r['height']}" if r.get("width") and r.get("height") else "size ?"
-    return f"#{r['rank']} · id {r['id']} · {r['score']:.3f} · {size}"
+    return f"{r['score']:.3f} · {size}"
 
 
 def _local_ids(engine: Engine, results: Sequence[SearchResult]) -> np.ndarray:
@@ -535,28 +536,30 @@ class SaefeApp:
             with gr.Row():
                 with gr.Column(scale=2, min_width=420):
                     with gr.Accordion("1 · Set emotion", open=True):
-                        label_dd = gr.Dropdown(labels, value=labels[0] if labels else None, label="Label",
-                                               elem_id="label-dd", allow_custom_value=False)
+                        with gr.Row(equal_height=True):
+                            label_dd = gr.Dropdown(labels, value=labels[0] if labels else None, label="Label",
+                                                   elem_id="label-dd", allow_custom_value=False, scale=2)
+                            apply_btn = gr.Button("Apply to all sliders", variant="primary", elem_id="apply-btn",
+                                                  scale=2)
                         with gr.Row():
-                            apply_btn = gr.Button("Apply to all sliders", variant="primary", elem_id="apply-btn")
-                            reset_btn = gr.Button("Reset", elem_id="reset-btn")
-                            l2_btn = gr.Button("L2 Norm", elem_id="l2-btn")
+                            reset_btn = gr.Button("Reset", elem_id="reset-btn", size="sm")
+                            l2_btn = gr.Button("L2 Norm", elem_id="l2-btn", size="sm")
                     with gr.Accordion("3 · Label arithmetic", open=True):
-                        with gr.Row():
+                        with gr.Row(equal_height=True):
                             op_dd = gr.Dropdown(labels, value=labels[0] if labels else None, label="Label",
-                                                elem_id="op-label", scale=2)
-                            mult = gr.Number(1.0, label="Multiplier", elem_id="op-mult", scale=1)
-                        with gr.Row():
-                            add_btn = gr.Button("Add label", elem_id="add-btn")
-                            sub_btn = gr.Button("Subtract label", elem_id="sub-btn")
-                        with gr.Row():
+                                                elem_id="op-label", scale=3)
+                            mult = gr.Number(1.0, label="Multiplier", elem_id="op-mult", scale=2, min_width=80)
+                            add_btn = gr.Button("Add", elem_id="add-btn", scale=1, min_width=60)
+                            sub_btn = gr.Button("Subtract", elem_id="sub-btn", scale=1, min_width=60)
+                        with gr.Row(equal_height=True):
                             expr = gr.Textbox(label="Expression", placeholder="Esteem - Male + Adult",
-                                              elem_id="expr-box", scale=3)
-                            expr_btn = gr.Button("Evaluate", elem_id="expr-btn", scale=1)
-                        with gr.Row():
-                            fid_box = gr.Textbox(label="Feature id", placeholder="f123 or 123", elem_id="fid-box")
-                            fw_box = gr.Number(0.5, label="Weight", elem_id="fw-box")
-                            fset_btn = gr.Button("Set feature", elem_id="fset-btn")
+                                              elem_id="expr-box", scale=4)
+                            expr_btn = gr.Button("Evaluate", elem_id="expr-btn", scale=1, min_width=60)
+                        with gr.Row(equal_height=True):
+                            fid_box = gr.Textbox(label="Feature id", placeholder="f123 or 123", elem_id="fid-box",
+                                                 scale=2, min_width=80)
+                            fw_box = gr.Number(0.5, label="Weight", elem_id="fw-box", scale=2, min_width=80)
+                            fset_btn = gr.Button("Set feature", elem_id="fset-btn", scale=1, min_width=60)
                     gr.Markdown("### 2 · Feature sliders\nRange [-1, 1]; a negative value pushes away from a feature.")
                     sliders: list = []
                     with gr.Accordion("Custom", open=False, elem_id="group-custom"):
@@ -574,20 +577,21 @@ class SaefeApp:
                                 sliders.append(gr.Slider(-1, 1, 0, step=SLIDER_STEP, label=self.layout.captions[f],
                                                          elem_id=f"s-{len(sliders)}"))
                 with gr.Column(scale=3, min_width=520):
-                    with gr.Row():
+                    with gr.Row(equal_height=True):
                         mode = gr.Radio(["direction", "features"], value="direction", label="Search mode",
                                         info="direction: cosine to the mix's decoder direction; features: exact Σ w·a",
                                         elem_id="mode")
                         k = gr.Slider(1, MAX_K, DEFAULT_K, step=1, label="Results", elem_id="k")
                     run_btn = gr.Button("Run Search", variant="primary", elem_id="run-btn")
-                    with gr.Row():
-                        text_q = gr.Textbox(label="Search by text", placeholder="a photo of a happy child",
-                                            scale=3, elem_id="text-q")
-                        text_btn = gr.Button("Text search", scale=1, elem_id="text-btn")
-                    with gr.Row():
-                        img_q = gr.Image(type="filepath", label="Search by image", height=120, scale=3,
-                                         elem_id="img-q")
-                        img_btn = gr.Button("Image search", scale=1, elem_id="img-btn")
+                    with gr.Accordion("Search by text or image", open=False, elem_id="other-search"):
+                        with gr.Row(equal_height=True):
+                            text_q = gr.Textbox(label="Search by text", placeholder="a photo of a happy child",
+                                                scale=3, elem_id="text-q")
+                            text_btn = gr.Button("Text search", scale=1, elem_id="text-btn")
+                        with gr.Row(equal_height=True):
+                            img_q = gr.Image(type="filepath", label="Search by image", height=140, scale=3,
+                                             elem_id="img-q")
+                            img_btn = gr.Button("Image search", scale=1, elem_id="img-btn")
                     gallery = gr.Gallery(label="Results", columns=5, height=520, object_fit="contain",
                                          allow_preview=False, elem_id="gallery")
                     bias_md = gr.Markdown("_bias: run a search_", elem_id="bias")
@@ -607,7 +611,7 @@ class SaefeApp:
                         with gr.Row():
                             insp_id = gr.Textbox(label="Feature id", placeholder="f83", elem_id="insp-id", scale=3)
                             insp_btn = gr.Button("Inspect", elem_id="insp-btn", scale=1)
-                        insp_md = gr.Markdown()
+                        insp_md = gr.Markdown(elem_id="insp-md")
                         with gr.Row():
                             insp_top = gr.Gallery(label="Top images", columns=4, height=200, allow_preview=False)
                             insp_bot = gr.Gallery(label="Bottom images", columns=4, height=200, allow_preview=False)
@@ -688,11 +692,11 @@ class SaefeApp:
 
 
 def _ok(msg: str) -> str:
-    return f"✅ {msg}"
+    return f"<span class='saefe-ok'>{msg}</span>"
 
 
 def _err(msg: str) -> str:
-    return f"<span class='saefe-err'>⚠️ {msg}</span>"
+    return f"<span class='saefe-err'>Error: {msg}</span>"
 
 
 def _message(e: BaseException) -> str:
@@ -714,7 +718,7 @@ def _ui_safe(fn: Callable, n_out: int, status_index: int | None = None) -> Calla
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - the page must show a line, not a trace
             msg = _message(e)
-            gr.Warning(msg)
+            gr.Warning(msg, duration=5)
             out = [gr.skip()] * n_out
             out[si] = _err(msg)
             return out if n_out > 1 else out[0]
@@ -810,7 +814,8 @@ def launch(engine: Engine, host: str = "127.0.0.1", port: int | None = 7860, *, 
            quiet: bool = False, max_threads: int = 40):
     """Serve the app; returns the Blocks (launched) and its SaefeApp."""
     app, demo = create_app(engine)
-    demo.queue(default_concurrency_limit=4, max_size=256)
+    # api_open: plain `POST /gradio_api/run/<name>` {"data": [...]} works too, besides the queue
+    demo.queue(default_concurrency_limit=4, max_size=256, api_open=True)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock, quiet=quiet,
                 allowed_paths=allowed_paths(engine), show_error=True, ssr_mode=False, max_threads=max_threads,
                 css=CSS, footer_links=["api"])

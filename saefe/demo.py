@@ -95,7 +95,7 @@ _ARMS = {
     "Esteem": ((55, -75), (55, -75)),      # hands on hips
     "Excitement": ((160, 172), (160, 172)),  # both arms high
 }
-_HEIGHT = {"Kid": 0.46, "Teenager": 0.68, "Adult": 0.9}      # fraction of the image height
+_HEIGHT = {"Kid": 0.48, "Teenager": 0.68, "Adult": 0.9}      # fraction of the image height
 _HEAD = {"Kid": 0.25, "Teenager": 0.17, "Adult": 0.135}       # head diameter / figure height
 _SKIN = [(255, 224, 196), (241, 194, 160), (224, 172, 130), (198, 134, 90), (141, 85, 54), (92, 58, 38)]
 _HAIR = [(30, 22, 18), (75, 45, 25), (140, 90, 45), (210, 170, 90), (120, 40, 20)]
@@ -228,7 +228,7 @@ def _background(spec: dict):
     # Clutter: buildings, trees, balls, windows in colours drawn from the scene.
     for kind, a, b, c, w, h, col in spec["clutter"]:
         base = _CLOTHES[int(col * len(_CLOTHES)) % len(_CLOTHES)]
-        fill = _mix(base, bot if b > 0.5 else top, 0.6)
+        fill = _mix(base, bot if b > 0.5 else top, 0.78)
         x0, y0 = a * S, S * (0.15 + 0.5 * b)
         ww, hh = S * (0.08 + 0.2 * w), S * (0.08 + 0.25 * h)
         if kind == 0:  # building / box
@@ -341,10 +341,10 @@ def _person_layer(spec: dict):
     # Long hair behind the head, falling past the shoulders.
     if female:
         d.polygon([
-            (hx - r * 1.2, hy - r * 0.2), (hx + r * 1.2, hy - r * 0.2),
-            (hx + r * 1.45, hy + r * 3.0), (hx - r * 1.45, hy + r * 3.0),
+            (hx - r * 1.3, hy - r * 0.2), (hx + r * 1.3, hy - r * 0.2),
+            (hx + r * 1.7, hy + r * 3.4), (hx - r * 1.7, hy + r * 3.4),
         ], fill=hair)
-        d.ellipse([hx - r * 1.25, hy - r * 1.25, hx + r * 1.25, hy + r * 0.7], fill=hair)
+        d.ellipse([hx - r * 1.35, hy - r * 1.3, hx + r * 1.35, hy + r * 0.8], fill=hair)
 
     # Legs: bare for kids' shorts and skirts/dresses, trousers (suit / jeans) otherwise.
     leg_w = W(H * 0.075)
@@ -460,7 +460,6 @@ def _face(d, e, hx, hy, r, beard):
         elif e == "Esteem":
             d.line([(xi, by - r * 0.02), (xo, by - r * 0.1)], fill=ink, width=lw)
     # Mouth.
-    box = [hx - mw, my - r * 0.22, hx + mw, my + r * 0.22]
     if e in ("Happiness", "Peace"):
         d.arc([hx - mw, my - r * 0.3, hx + mw, my + r * 0.15], 20, 160, fill=ink, width=lw)
     elif e == "Excitement":
@@ -476,7 +475,6 @@ def _face(d, e, hx, hy, r, beard):
     elif e == "Fear":
         pts = [(hx - mw + k * mw / 3, my + (r * 0.06 if k % 2 else -r * 0.06)) for k in range(7)]
         d.line(pts, fill=ink, width=lw)
-    del box
     # Tears, blush, sweat.
     if e == "Sadness":
         for s in (-1, 1):
@@ -556,7 +554,7 @@ def _png_bytes(img) -> bytes:
     import io
 
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -568,12 +566,29 @@ def demo_images(cfg: DemoConfig, indices=None):
         yield int(i), img, _row(spec, bbox)
 
 
+def _write_chunk(args) -> dict[int, tuple]:
+    seed, size, images_dir, indices = args
+    out = {}
+    for i in indices:
+        img, bbox = render_demo_image(_sample_spec(seed, i, size))
+        _atomic_write_bytes(Path(images_dir) / image_name(i), _png_bytes(img))
+        out[i] = bbox
+    return out
+
+
 def _identity(cfg: DemoConfig) -> dict:
     return {"seed": cfg.seed, "size": cfg.size, "generator_version": GENERATOR_VERSION}
 
 
-def generate_demo(out_dir, cfg: DemoConfig | None = None, progress: bool = True) -> DemoCorpus:
-    """Write (or finish writing) the demo corpus in ``out_dir``; cheap when already complete."""
+def generate_demo(
+    out_dir, cfg: DemoConfig | None = None, progress: bool = True, workers: int | None = None
+) -> DemoCorpus:
+    """Write (or finish writing) the demo corpus in ``out_dir``; cheap when already complete.
+
+    ``workers`` processes draw in parallel (default: the CPU count, at most 8; 1 = serial).
+    """
+    import multiprocessing as mp
+
     import pandas as pd
 
     cfg = cfg or DemoConfig()
@@ -623,21 +638,34 @@ def generate_demo(out_dir, cfg: DemoConfig | None = None, progress: bool = True)
         if p.name.startswith("demo_") and (p.name not in wanted or ".tmp" in p.name):
             p.unlink()
 
-    rows = []
-    it = range(cfg.n)
+    specs = [_sample_spec(cfg.seed, i, cfg.size) for i in range(cfg.n)]
+    todo = [i for i in range(cfg.n) if not (reusable and (images_dir / names[i]).exists())]
+    bboxes: dict[int, tuple] = {}
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="demo corpus", unit="img")
-    for i in it:
-        spec = _sample_spec(cfg.seed, i, cfg.size)
-        path = images_dir / names[i]
-        if reusable and path.exists():
-            bbox = demo_person_bbox(spec)
-        else:
-            img, bbox = render_demo_image(spec)
-            _atomic_write_bytes(path, _png_bytes(img))
-        rows.append(_row(spec, bbox))
+        bar = tqdm(total=cfg.n, desc="demo corpus", unit="img")
+        bar.update(cfg.n - len(todo))
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    chunks = [todo[k : k + 64] for k in range(0, len(todo), 64)]
+    if workers > 1 and len(todo) >= 256 and "fork" in mp.get_all_start_methods():
+        with mp.get_context("fork").Pool(workers) as pool:
+            for part in pool.imap_unordered(_write_chunk, [(cfg.seed, cfg.size, str(images_dir), c) for c in chunks]):
+                bboxes.update(part)
+                if bar is not None:
+                    bar.update(len(part))
+    else:
+        for c in chunks:
+            part = _write_chunk((cfg.seed, cfg.size, str(images_dir), c))
+            bboxes.update(part)
+            if bar is not None:
+                bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    rows = [
+        _row(spec, bboxes[spec["i"]] if spec["i"] in bboxes else demo_person_bbox(spec)) for spec in specs
+    ]
 
     df = pd.DataFrame(rows)
     tmp = ann.with_name(ann.name + f".tmp{os.getpid()}")

@@ -22,7 +22,11 @@ import numpy as np
 
 from .errors import SteeringError
 
-DENSE_MIN_POSTINGS = 20_000  # below this, sorting the candidates is cheaper than the buffer pass
+# Measured (benchmarks/bench_engine.py): the buffer pass wins once the postings are large next to
+# the corpus (its random writes then hit a buffer that is mostly touched anyway); below that,
+# sorting the candidates is cheaper. Dense from max(20k, n_total / 4) postings.
+DENSE_MIN_POSTINGS = 20_000
+DENSE_CORPUS_FRACTION = 4
 
 
 class FeatureRanker:
@@ -93,7 +97,8 @@ class FeatureRanker:
         los, his = self._indptr[ids], self._indptr[ids + 1]
         total = int((his - los).sum())
         if method == "auto":
-            method = "dense" if total >= DENSE_MIN_POSTINGS and len(ids) > 1 else "sort"
+            dense = total >= max(DENSE_MIN_POSTINGS, self.n_total // DENSE_CORPUS_FRACTION)
+            method = "dense" if dense and len(ids) > 1 else "sort"
         if len(ids) == 1:  # one posting list: ids are already distinct
             lo, hi = los[0], his[0]
             cand = np.asarray(self._indices[lo:hi], dtype=np.int64)

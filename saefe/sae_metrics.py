@@ -143,8 +143,9 @@ def planted_data(
     atoms = rng.standard_normal((n_atoms, d)).astype(np.float32)
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
     # distinct atoms per row without an (n, n_atoms) permutation: argpartition of random keys
-    keys = rng.random((n, n_atoms), dtype=np.float32)
-    idx = np.argpartition(keys, active, axis=1)[:, :active]
+    idx = np.concatenate(
+        [np.argpartition(rng.random((min(8192, n - s), n_atoms), dtype=np.float32), active, axis=1)[:, :active] for s in range(0, n, 8192)]
+    ) if n else np.zeros((0, active), dtype=np.int64)
     coef = rng.uniform(0.5, 1.5, size=(n, active)).astype(np.float32)
     x = np.einsum("na,nad->nd", coef, atoms[idx], optimize=True)
     x += rng.standard_normal((n, d)).astype(np.float32) * (noise / math.sqrt(d))
