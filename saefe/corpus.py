@@ -138,7 +138,14 @@ class HFDatasetCorpus:
     def read(self, i: int) -> tuple[bytes, dict[str, Any]]:
         row = self.ds[int(i)]
         img = row.pop(self.image_column)
-        meta = {k: _scalar(v) for k, v in row.items()}
+        flat: dict[str, Any] = {}
+        for k, v in row.items():  # webdataset's per-sample .json becomes a nested dict: flatten it
+            if isinstance(v, dict):
+                for k2, v2 in v.items():
+                    flat[k2 if k2 not in row else f"{k}.{k2}"] = v2
+            else:
+                flat[k] = v
+        meta = {k: _scalar(v) for k, v in flat.items()}
         meta = {k: v for k, v in meta.items() if v is not None}
         if isinstance(img, dict):
             data = img.get("bytes")

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import IncompatibleError, SaefeError, SteeringError
 from .manifest import EncoderInfo
+from .steer import check_weight as _check_weight
 from .store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,6 @@ class FeatureReport:
     top: list[SearchResult]
     bottom: list[SearchResult]
     labels: list[tuple[str, float]]
-
-
-def _check_weight(w: float, what: str) -> float:
-    w = float(w)
-    if not math.isfinite(w):
-        raise SteeringError(f"{what} weight is not a finite number ({w})")
-    if abs(w) > 1e6:
-        raise SteeringError(f"{what} weight {w:g} is too large (|w| <= 1e6)")
-    return w
 
 
 def _unit(v: np.ndarray, what: str) -> np.ndarray:

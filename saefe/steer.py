@@ -65,6 +65,9 @@ def _check_weight(w, what: str) -> float:
     return w
 
 
+check_weight = _check_weight  # the one weight check, shared with the engine
+
+
 class FeatureMix(Mapping[int, float]):
     """Slider weights over SAE features. ``clip`` = the slider range (None: no clipping)."""
 

@@ -305,3 +305,27 @@ def test_every_cli_command_has_help(capsys):
             cli([name, "--help"])
         assert e.value.code == 0
         assert f"saefe {name}" in capsys.readouterr().out
+
+
+def test_hf_webdataset_shards(tmp_path):
+    import tarfile
+
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    for s in range(2):
+        with tarfile.open(shard_dir / f"shard-{s:05d}.tar", "w") as tar:
+            for i in range(3):
+                key = f"s{s}_{i:03d}"
+                buf = io.BytesIO()
+                _img(10 * s + i).save(buf, "JPEG")
+                for name, data in ((f"{key}.jpg", buf.getvalue()),
+                                   (f"{key}.json", json.dumps({"subreddit": f"r{s}", "title": key}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "o"
+    build_index(BuildConfig(dataset=str(shard_dir), dataset_builder="webdataset", out=str(out), progress=False))
+    store = EmbeddingStore.open(out)
+    assert len(store) == 6
+    assert sorted(store.metadata["subreddit"]) == ["r0"] * 3 + ["r1"] * 3  # the .json sidecar travels
+    assert set(store.metadata["title"]) == {f"s{s}_{i:03d}" for s in range(2) for i in range(3)}
