@@ -32,9 +32,14 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def synthetic(n: int, d: int = 1152, seed: int = 0, n_topics: int = 2000, rank: int = 256) -> np.ndarray:
-    """fp16 (n, d): mean direction + topic centre + within-topic low-rank spread + noise."""
+def synthetic(n: int, d: int = 1152, seed: int = 0, topic_size: int = 50, rank: int = 256) -> np.ndarray:
+    """fp16 (n, d): mean direction + topic centre + within-topic low-rank spread + noise.
+
+    The number of topics grows with n (about ``topic_size`` images each), as a larger crawl holds
+    more subjects rather than more copies of the same ones; a fixed topic count would make
+    neighbours ever easier for IVF to find as n grows."""
     rng = np.random.default_rng(seed)
+    n_topics = max(1, n // topic_size)
     basis = rng.normal(size=(rank, d)).astype(np.float32) / math.sqrt(d)
     mean = rng.normal(size=d).astype(np.float32)
     mean /= np.linalg.norm(mean)

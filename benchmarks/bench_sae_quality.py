@@ -12,7 +12,14 @@ to a temporary store and an SAE is trained on it through ``train_sae`` for each 
     default     TrainConfig's defaults (what `saefe train-sae` does)
 
 Reported per set: atoms recovered (some decoder column with cosine > 0.9), FVU and mean L0 on
-the validation split, dead latents (never fire on validation), dense latents, seconds.
+the validation split, dead latents (never fire on validation), dense latents, seconds. A
+reference line gives the FVU of the ground truth itself as a top-k SAE (encoder = decoder = the
+planted atoms, best single threshold and decoder scale): about 0.19 at k 16 and 0.17 at k 32 on
+the default data, because a linear encoder cannot undo the interference of 2048 random atoms in
+256-d, so it misses about a quarter of the true atoms in its top 16. Training from that oracle
+also ends at FVU ~0.19 (k 16) / ~0.17 (k 32), so the FVU <= 0.05 target is below what any top-k
+SAE with a linear encoder reaches on this data; atoms recovered and dead latents are the
+meaningful targets here.
 
     python benchmarks/bench_sae_quality.py             # 2048 atoms in 256-d, 16 active (CPU: a few minutes)
     python benchmarks/bench_sae_quality.py --sets baseline default --device cuda
@@ -32,8 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saefe.manifest import EncoderInfo  # noqa: E402
-from saefe.sae import TopKSAE  # noqa: E402
-from saefe.sae_metrics import atoms_recovered, planted_data  # noqa: E402
+from saefe.sae import SAEConfig, TopKSAE  # noqa: E402
+from saefe.sae_metrics import atoms_recovered, evaluate, planted_data  # noqa: E402
 from saefe.sae_train import TrainConfig, train_sae  # noqa: E402
 from saefe.store import write_store  # noqa: E402
 
@@ -45,6 +52,29 @@ SETS = {
     "all": dict(pre_bias=True, unit_norm=True, auxk=True),
     "default": {},
 }
+
+
+@torch.no_grad()
+def oracle_fvu(x: np.ndarray, atoms: np.ndarray, k: int, n_eval: int = 5000) -> tuple[float, float, float]:
+    """FVU of the ground truth as a top-k SAE: encoder = decoder = the planted atoms.
+
+    The encoder bias (one threshold for all latents) and the decoder scale are grid-searched,
+    so this is the best a top-k SAE whose dictionary is exactly right does. A linear encoder
+    cannot undo the interference between 2048 random atoms in 256-d (|cos| ~ 1/16 each), so
+    it picks wrong atoms and misweights right ones; training cannot beat this by much.
+    Returns (fvu, threshold, scale)."""
+    a = torch.from_numpy(atoms)
+    sae = TopKSAE(SAEConfig(d_emb=a.shape[1], d_hidden=a.shape[0], top_k=k, up_proj_bias=True, pre_bias=False))
+    sae.up_proj.weight.copy_(a)
+    xs = x[: min(n_eval, len(x))]
+    best = (float("inf"), 0.0, 1.0)
+    for t in np.linspace(0.0, 0.2, 11):
+        for scale in (0.9, 1.0, 1.1, 1.2):
+            sae.up_proj.bias.fill_(-float(t))
+            sae.down_proj.weight.T.copy_(a * scale)
+            fvu = evaluate(sae, xs, device="cpu")[0]["fvu"]
+            best = min(best, (fvu, float(t), scale))
+    return best
 
 
 def main(argv=None) -> int:
@@ -93,6 +123,11 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, opts, rec, fvu, l0, dead, dense, steps, sec in rows:
         print(f"| {name} | {opts} | {rec:.1%} | {fvu:.4f} | {l0:.1f} | {dead:.2%} | {dense:.2%} | {steps} | {sec:.0f} |")
+    ofvu, othr, oscale = oracle_fvu(x, atoms, a.k)
+    print(
+        f"reference: the true atoms as a top-k SAE (encoder = decoder = atoms, threshold {othr:.2f}, scale {oscale:.1f}), "
+        f"k {a.k}: FVU {ofvu:.4f}"
+    )
     print(f"target: >= 90% recovered, FVU <= 0.05, dead <= 1%; total {time.time() - t0:.0f}s")
     return 0
 

@@ -214,20 +214,30 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
     bar = tqdm(total=n, initial=done_items, unit="img", desc="embedding", disable=not cfg.progress, smoothing=0.1)
     embedded = 0
 
+    # A local SigLIP's processor runs in the loader thread too, so on a GPU the (PIL-bound,
+    # single-threaded) pre-processing of chunk i+1 overlaps the model's work on chunk i.
+    preprocess = getattr(encoder, "preprocess_cpu", None)
+
     def load_chunk(pool, cid):
         lo, hi = cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size)
-        return list(pool.map(lambda i: _load_item(corpus, i), range(lo, hi)))
+        items = list(pool.map(lambda i: _load_item(corpus, i), range(lo, hi)))
+        good = [img for _, img, _, reason in items if reason is None]
+        px = preprocess(good) if (preprocess is not None and good) else None
+        return items, px
 
     with ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as prefetch:
         future = prefetch.submit(load_chunk, pool, todo[0])
         for j, cid in enumerate(todo):
-            items = future.result()
+            items, px = future.result()
             if j + 1 < len(todo):  # decode the next chunk while this one is embedded
                 future = prefetch.submit(load_chunk, pool, todo[j + 1])
-            images, metas, skipped = [], [], []
+            images, metas, skipped, keep = [], [], [], []
             for i, img, meta, reason in items:
                 if reason is None and meta["sha256"] in seen:
                     reason = "duplicate"
+                    keep.append(False)
+                elif reason is None:
+                    keep.append(True)
                 if reason is not None:
                     skipped.append({"item": _item_key(meta, i), "reason": reason})
                     if reason != "duplicate":
@@ -236,7 +246,14 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
                 seen.add(meta["sha256"])
                 images.append(img)
                 metas.append(meta)
-            vecs = encoder.embed_images(images) if images else np.zeros((0, encoder.info.embedding_dim), np.float32)
+            if not images:
+                vecs = np.zeros((0, encoder.info.embedding_dim), np.float32)
+            elif px is not None:
+                import torch
+
+                vecs = encoder.embed_pixels(px if all(keep) else px[torch.as_tensor(np.flatnonzero(keep))])
+            else:
+                vecs = encoder.embed_images(images)
             if vecs.shape[1] != encoder.info.embedding_dim:
                 raise IncompatibleError(f"encoder returned dimension {vecs.shape[1]}, expected {encoder.info.embedding_dim}")
             writer.commit(cid, vecs, pd.DataFrame(metas), skipped)

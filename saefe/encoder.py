@@ -115,17 +115,27 @@ class SiglipEncoder:
         """Un-normalised, differentiable image features (saliency differentiates through this)."""
         return _pooled(self.model.get_image_features(pixel_values=pixel_values))
 
-    def embed_images(self, images: Sequence) -> np.ndarray:
+    def preprocess_cpu(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
+        """Processor output on the CPU: safe to run in a loader thread while the model works."""
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def embed_pixels(self, pixel_values) -> np.ndarray:
+        """Embed already pre-processed pixels (see ``preprocess_cpu``), batched."""
         import torch
 
         out = []
         with torch.inference_mode():
-            for i in range(0, len(images), self.batch_size):
-                px = self.preprocess(images[i : i + self.batch_size])
+            for i in range(0, len(pixel_values), self.batch_size):
+                px = pixel_values[i : i + self.batch_size].to(self.device, self.dtype, non_blocking=True)
                 out.append(self.image_features(px).float().cpu().numpy())
         if not out:
             return np.zeros((0, self.info.embedding_dim), np.float32)
         return l2_normalise(np.concatenate(out))
+
+    def embed_images(self, images: Sequence) -> np.ndarray:
+        if not len(images):
+            return np.zeros((0, self.info.embedding_dim), np.float32)
+        return self.embed_pixels(self.preprocess_cpu(images))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         import torch

@@ -1,8 +1,9 @@
 """FAISS inner-product index over the store (vectors are L2-normalised, so IP = cosine).
 
-``auto`` picks exact search for small corpora and IVF above ``flat_max``; the IVF probe count
-is chosen at build time on held-out queries to reach a recall target, then saved with the index.
-GPU when faiss has GPUs (flat and IVF; HNSW stays on the CPU).
+``auto`` picks exact search for small corpora and, above ``flat_max``, HNSW on the CPU (the only
+type that met p50 < 10 ms at recall@10 >= 0.95 on 1M x 1152-d vectors with 2 cores in
+benchmarks/bench_index.py) or IVF when faiss has GPUs (HNSW does not run on them). The IVF probe
+count / HNSW efSearch is tuned at build time to reach a recall target, then saved with the index.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class IndexConfig:
     nprobe: int = 0  # 0 = tuned at build time to reach target_recall
     target_recall: float = 0.95
     hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 64
+    ef_construction: int = 40
+    ef_search: int = 0  # 0 = tuned at build time to reach target_recall
     use_gpu: bool = True
 
 
@@ -50,7 +51,11 @@ def resolve_kind(cfg: IndexConfig, n: int) -> str:
         raise SaefeError(f"unknown index type {cfg.kind!r}; choose one of {', '.join(KINDS)}")
     if cfg.kind != "auto":
         return cfg.kind
-    return "flat" if n <= cfg.flat_max else "ivf"
+    if n <= cfg.flat_max:
+        return "flat"
+    faiss = _faiss()
+    has_gpu = cfg.use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    return "ivf" if has_gpu else "hnsw"
 
 
 def _batches(vectors: np.ndarray, size: int = 65536):
@@ -82,8 +87,7 @@ class VectorIndex:
         elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, metric)
             index.hnsw.efConstruction = cfg.ef_construction
-            index.hnsw.efSearch = cfg.ef_search
-            params.update(m=cfg.hnsw_m, ef_construction=cfg.ef_construction, ef_search=cfg.ef_search)
+            params.update(m=cfg.hnsw_m, ef_construction=cfg.ef_construction)
         else:
             nlist = cfg.nlist or max(1, min(int(math.sqrt(n)), n // 39 or 1))
             codec = "SQ8" if kind == "ivf-sq8" else "Flat"
@@ -103,34 +107,40 @@ class VectorIndex:
             index.add(b)
         vi = cls(index, kind, d, params)
         if kind in ("ivf", "ivf-sq8"):
-            vi.set_nprobe(cfg.nprobe or vi.tune_nprobe(vectors, cfg.target_recall))
+            vi.set_nprobe(cfg.nprobe or vi.tune(vectors, cfg.target_recall))
+        elif kind == "hnsw":
+            vi.set_ef_search(cfg.ef_search or vi.tune(vectors, cfg.target_recall))
         return vi
+
+    def set_ef_search(self, ef: int) -> None:
+        self.index.hnsw.efSearch = int(ef)
+        self.params["ef_search"] = int(ef)
 
     def set_nprobe(self, nprobe: int) -> None:
         _faiss().extract_index_ivf(self.index).nprobe = int(nprobe)
         self.params["nprobe"] = int(nprobe)
 
-    def tune_nprobe(self, vectors: np.ndarray, target: float, nq: int = 200, k: int = 10) -> int:
-        """Smallest power-of-two nprobe whose recall@k against exact search reaches ``target``.
-
-        Queries are perturbed base vectors, so it needs no held-out data.
-        """
-        faiss = _faiss()
+    def tune(self, vectors: np.ndarray, target: float, nq: int = 200, k: int = 10) -> int:
+        """Smallest power of two (IVF nprobe, or HNSW efSearch from 16) whose recall@k against
+        exact search reaches ``target``. Queries are perturbed base vectors: no held-out data needed."""
         rng = np.random.default_rng(1)
         n = len(vectors)
         q = np.asarray(vectors[np.sort(rng.choice(n, min(nq, n), replace=False))], dtype=np.float32)
         q = q + rng.normal(0, 0.5 / math.sqrt(self.dim), q.shape).astype(np.float32)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         _, truth = _exact_search(vectors, q, k)
-        ivf = faiss.extract_index_ivf(self.index)
-        nprobe = 1
-        while nprobe < ivf.nlist:
-            ivf.nprobe = nprobe
+        if self.kind == "hnsw":
+            value, limit, apply = 16, 4096, self.set_ef_search
+        else:
+            ivf = _faiss().extract_index_ivf(self.index)
+            value, limit, apply = 1, ivf.nlist, self.set_nprobe
+        while value < limit:
+            apply(value)
             _, got = self.index.search(q, k)
             if recall_at_k(got, truth) >= target:
                 break
-            nprobe *= 2
-        return min(nprobe, ivf.nlist)
+            value *= 2
+        return min(value, limit)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.asarray(queries, dtype=np.float32)

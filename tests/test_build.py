@@ -275,14 +275,15 @@ def test_precomputed_row_mismatch_is_refused(tmp_path):
         build_index(BuildConfig(embeddings=str(tmp_path / "p.npy"), model="m", out=str(tmp_path / "o2"), progress=False))
 
 
-def test_ivf_index_is_chosen_above_threshold_and_meets_recall(tmp_path):
+def test_approximate_indexes_meet_recall_and_round_trip(tmp_path):
     from saefe.index import _exact_search, recall_at_k
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, 32))
     x = (centres[rng.integers(0, 50, 6000)] + 0.3 * rng.normal(size=(6000, 32))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    vi = VectorIndex.build(x, IndexConfig(flat_max=1000, target_recall=0.95))
+    assert VectorIndex.build(x[:900], IndexConfig(flat_max=1000)).kind == "flat"
+    vi = VectorIndex.build(x, IndexConfig(kind="ivf", target_recall=0.95))
     assert vi.kind == "ivf" and 1 <= vi.params["nprobe"] <= vi.params["nlist"]
     q = x[:200] + 0.05 * rng.normal(size=(200, 32)).astype(np.float32)
     _, truth = _exact_search(x, q, 10)
@@ -292,8 +293,11 @@ def test_ivf_index_is_chosen_above_threshold_and_meets_recall(tmp_path):
     again = VectorIndex.load(tmp_path)
     assert again.kind == "ivf" and again.params["nprobe"] == vi.params["nprobe"]
     assert np.array_equal(again.search(q[:5], 10)[1], vi.search(q[:5], 10)[1])
-    hn = VectorIndex.build(x, IndexConfig(kind="hnsw"))
+    hn = VectorIndex.build(x, IndexConfig(flat_max=1000))  # auto above the threshold, no GPU: HNSW
+    assert hn.kind == "hnsw" and hn.params["ef_search"] >= 16
     assert recall_at_k(hn.search(q, 10)[1], truth) >= 0.9
+    hn.save(tmp_path)
+    assert VectorIndex.load(tmp_path).index.hnsw.efSearch == hn.params["ef_search"]
 
 
 def test_every_cli_command_has_help(capsys):
