@@ -90,7 +90,7 @@ def demo_quality(engine, k: int = 20) -> None:
     rows = [["corpus", "", "", ""] + [f"{base[g]:.0%}" for g in DEMOGRAPHIC] + ["", ""]]
     from saefe.bias import measure_bias
 
-    for q in ("Esteem", "Esteem - Male + Adult", "Esteem - Male + Female"):
+    for q in ("Esteem", "Esteem - Male + Adult", "Esteem - Male + Female", "Esteem - 2*Male + 2*Female"):
         for feats in ("nonzero", "top"):
             mix = evaluate_expression(q, prof, features=feats)
             for mode in ("direction", "features"):

@@ -35,9 +35,10 @@ def demo_sae_and_labels(index_dir: Path, sae_dir: Path, annotations: Path, progr
     build_profiles(store, sae, membership, sae_dir=sae_dir).save(labels_dir)
     write_attributes(store, membership)
     set_default_sae(store, sae_dir)
-    metrics = read_json(report) if report.exists() else {}
-    fvu = metrics.get("fvu", metrics.get("val", {}).get("fvu") if isinstance(metrics.get("val"), dict) else None)
+    val = (read_json(report) if report.exists() else {}).get("validation", {})
+    stats = (f" (validation FVU {val['fvu']:.3f}, mean L0 {val['mean_l0']:.1f}, dead {val['dead_fraction']:.0%})"
+             if {"fvu", "mean_l0", "dead_fraction"} <= set(val) else "")
     return {
-        "sae": str(sae_dir) + (f" (validation FVU {fvu:.3f})" if isinstance(fvu, (int, float)) else ""),
+        "sae": str(sae_dir) + stats,
         "label profiles": f"{labels_dir} ({len(membership.labels)} labels)",
     }
