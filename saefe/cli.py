@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("saefe.inspect_cli", "show a feature's top/bottom images, frequency and labels"),
     "saliency": ("saefe.saliency", "SmoothGrad heat map of a feature or mix on an image"),
     "evaluate": ("saefe.evaluate", "label AP/mAP of probes and zero-shot; bias of a search"),
+    "app": ("saefe.app_cli", "serve the Gradio configuration tool (same as python app_gradio.py)"),
     "serve-clip": ("saefe.clip_server", "serve the encoder over the clip_server protocol"),
     "serve-backend": ("saefe.backend_server", "serve the index over the meme-search-engine API"),
 }
