@@ -118,18 +118,21 @@ def test_malicious_checkpoint_is_refused_and_nothing_runs(original_classes, tmp_
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_malicious_payload_would_have_run_without_the_guard(tmp_path):
-    """Control for the test above: the same payload under a plain pickle load does run."""
-    import pickle
-
-    marker = tmp_path / "RAN"
+def test_malicious_file_really_calls_os_system(tmp_path):
+    """Control for the test above, read without executing: the checkpoint's pickle imports
+    os.system and REDUCEs it, so an unrestricted loader would have run the command."""
+    import pickletools
+    import zipfile
 
     class Evil:
         def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
+            return (os.system, ("true",))
 
-    pickle.loads(pickle.dumps(Evil()))
-    assert marker.exists()
+    torch.save({"config": Evil()}, tmp_path / "evil.pt")
+    with zipfile.ZipFile(tmp_path / "evil.pt") as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
+    assert ("GLOBAL", f"{os.system.__module__} system") in ops and ("REDUCE", None) in ops
 
 
 def test_unknown_global_is_refused(original_classes, tmp_path):
