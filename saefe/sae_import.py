@@ -59,7 +59,7 @@ ALLOWED_GLOBALS = [
 
 
 def _safe_load(path: Path) -> Any:
-    """torch's weights-only unpickler + the stand-ins above; never weights_only=False."""
+    """torch's weights-only unpickler plus the inert stand-ins above: no other global can load."""
     if not path.is_file():
         raise SaefeError(f"no checkpoint file at {path}")
     try:
