@@ -235,9 +235,8 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
             for i, img, meta, reason in items:
                 if reason is None and meta["sha256"] in seen:
                     reason = "duplicate"
-                    keep.append(False)
-                elif reason is None:
-                    keep.append(True)
+                if img is not None:  # one flag per decoded image, aligned with ``px``
+                    keep.append(reason is None)
                 if reason is not None:
                     skipped.append({"item": _item_key(meta, i), "reason": reason})
                     if reason != "duplicate":
@@ -251,7 +250,7 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
             elif px is not None:
                 import torch
 
-                vecs = encoder.embed_pixels(px if all(keep) else px[torch.as_tensor(np.flatnonzero(keep))])
+                vecs = encoder.embed_pixels(px[torch.tensor(keep)])
             else:
                 vecs = encoder.embed_images(images)
             if vecs.shape[1] != encoder.info.embedding_dim:
