@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     demo = None
     base = args.url
     if not base:
-        from saefe.app import launch
-        from saefe.engine import Engine
+        from saefe.serve.app import launch
+        from saefe.search.engine import Engine
 
         engine = Engine.open(args.index)
         port = free_port()

@@ -26,7 +26,7 @@ def so400m_encoder(device: str):
     from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
     from tokenizers import Tokenizer, models
 
-    from saefe.encoder import SiglipEncoder
+    from saefe.ingest.encoder import SiglipEncoder
 
     cfg = SiglipConfig(
         text_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -83,7 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from saefe.encoder import SiglipEncoder, pick_device
+    from saefe.ingest.encoder import SiglipEncoder, pick_device
 
     device = pick_device(args.device)
     torch.manual_seed(0)

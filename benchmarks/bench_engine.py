@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from saefe.feature_rank import FeatureRanker  # noqa: E402
+from saefe.search.feature_rank import FeatureRanker  # noqa: E402
 
 DEMOGRAPHIC = ["Male", "Female", "Kid", "Teenager", "Adult"]
 
@@ -47,10 +47,10 @@ def table(rows: list[list], head: list[str]) -> str:
 
 
 def demo_quality(engine, k: int = 20) -> None:
-    from saefe.steer import FeatureMix, evaluate_expression
+    from saefe.search.mix import FeatureMix, evaluate_expression
 
     try:
-        from saefe.demo import DEMO_EMOTIONS
+        from saefe.demo.corpus import DEMO_EMOTIONS
     except ImportError:
         DEMO_EMOTIONS = []
     attrs = engine.attributes
@@ -88,7 +88,7 @@ def demo_quality(engine, k: int = 20) -> None:
     print(f"\n## 2. demographic share of the top-{k} (corpus base rates in the first row)\n")
     base = attrs[DEMOGRAPHIC].mean()
     rows = [["corpus", "", "", ""] + [f"{base[g]:.0%}" for g in DEMOGRAPHIC] + ["", ""]]
-    from saefe.bias import measure_bias
+    from saefe.search.bias import measure_bias
 
     for q in ("Esteem", "Esteem - Male + Adult", "Esteem - Male + Female", "Esteem - 2*Male + 2*Female"):
         for feats in ("nonzero", "top"):
@@ -104,7 +104,7 @@ def demo_quality(engine, k: int = 20) -> None:
 
 
 def demo_latency(engine, n_queries: int = 200, k: int = 20) -> None:
-    from saefe.engine import Term
+    from saefe.search.engine import Term
 
     labs = engine.labels
     rng = np.random.default_rng(0)
@@ -177,7 +177,7 @@ def synthetic_csc(n: int, h: int = 262144, k: int = 128, alpha: float = 0.8, cap
 
 
 def synth_latency(n: int, k: int = 20, n_queries: int = 200) -> None:
-    from saefe.feature_rank import brute_force_rank
+    from saefe.search.feature_rank import brute_force_rank
 
     t0 = time.perf_counter()
     csc, freq = synthetic_csc(n)
@@ -252,7 +252,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     if args.index and os.path.exists(args.index):
-        from saefe.engine import Engine
+        from saefe.search.engine import Engine
 
         engine = Engine.open(args.index)
         if engine.attributes is None or engine.profiles is None:

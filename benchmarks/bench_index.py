@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from saefe.index import IndexConfig, VectorIndex, _exact_search, recall_at_k  # noqa: E402
+from saefe.ingest.index import IndexConfig, VectorIndex, _exact_search, recall_at_k  # noqa: E402
 
 
 def rss_mb() -> float:

@@ -1,7 +1,7 @@
 """SAE quality on planted data: are the known atoms recovered? One table, all option sets.
 
 Vectors are sparse non-negative combinations of known unit atoms plus noise, L2-normalised
-like an embedding store's rows (``saefe.sae_metrics.planted_data``). The same data is written
+like an embedding store's rows (``saefe.sae.metrics.planted_data``). The same data is written
 to a temporary store and an SAE is trained on it through ``train_sae`` for each option set:
 
     baseline    the seed: no pre-encoder bias, free decoder norms, no AuxK
@@ -39,10 +39,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saefe.manifest import EncoderInfo  # noqa: E402
-from saefe.sae import SAEConfig, TopKSAE  # noqa: E402
-from saefe.sae_metrics import atoms_recovered, evaluate, planted_data  # noqa: E402
-from saefe.sae_train import TrainConfig, train_sae  # noqa: E402
-from saefe.store import write_store  # noqa: E402
+from saefe.sae.model import SAEConfig, TopKSAE  # noqa: E402
+from saefe.sae.metrics import atoms_recovered, evaluate, planted_data  # noqa: E402
+from saefe.sae.train import TrainConfig, train_sae  # noqa: E402
+from saefe.ingest.store import write_store  # noqa: E402
 
 SETS = {
     "baseline": dict(pre_bias=False, unit_norm=False, auxk=False),

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saefe.sae import SAEConfig, TopKSAE  # noqa: E402
-from saefe.sae_train import FORWARDS  # noqa: E402
+from saefe.sae.model import SAEConfig, TopKSAE  # noqa: E402
+from saefe.sae.train import FORWARDS  # noqa: E402
 
 
 def encode_sparse(m: TopKSAE, x):

@@ -1,6 +1,6 @@
 """Throughput and latency of ``saefe serve-clip`` and ``saefe serve-backend`` under concurrent load.
 
-Each server runs as its own process (``python -m saefe.cli serve-... --port 0``); this process
+Each server runs as its own process (``python -m saefe.cli.main serve-... --port 0``); this process
 loads it with N concurrent aiohttp clients for T seconds per workload and prints requests/s and
 p50/p99 latency as a table.
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_server(args: list[str], env=None) -> tuple[subprocess.Popen, str]:
-    p = subprocess.Popen([sys.executable, "-m", "saefe.cli", *args, "--port", "0"], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "saefe.cli.main", *args, "--port", "0"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -138,7 +138,7 @@ def ensure_index(path: str | None, n: int) -> str | None:
     if (ROOT / "index/demo/manifest.json").exists():
         return str(ROOT / "index/demo")
     try:
-        from saefe.build import BuildConfig, build_index
+        from saefe.ingest.build import BuildConfig, build_index
     except ImportError:
         return None
     from PIL import Image
@@ -178,11 +178,11 @@ def main() -> int:
     if a.only in (None, "backend"):
         index = ensure_index(a.index, a.n_images)
         try:
-            import saefe.engine  # noqa: F401
+            import saefe.search.engine  # noqa: F401
         except ImportError:
             index = None
         if index is None:
-            print("serve-backend: skipped (saefe.engine or saefe.build not available)", file=sys.stderr)
+            print("serve-backend: skipped (saefe.search.engine or saefe.ingest.build not available)", file=sys.stderr)
         else:
             p, url = start_server(["serve-backend", "--index", index], env)
             try:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IncompatibleError
+from saefe.errors import IncompatibleError
 
 FORMAT_VERSION = 1
 

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from saefe.cli import main  # noqa: E402
+from saefe.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["build", *sys.argv[1:]]))

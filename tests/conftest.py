@@ -26,6 +26,6 @@ def saefe_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_encoder(saefe_home):
-    from saefe.encoder import SiglipEncoder
+    from saefe.ingest.encoder import SiglipEncoder
 
     return SiglipEncoder.from_pretrained("demo", device="cpu")

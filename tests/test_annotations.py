@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saefe.annotations import Membership, membership_from_folders, read_annotations
+from saefe.labels.annotations import Membership, membership_from_folders, read_annotations
 from saefe.errors import CorpusError
 from saefe.manifest import EncoderInfo
-from saefe.store import write_store
+from saefe.ingest.store import write_store
 
 PATHS = ["images/a.jpg", "images/b.jpg", "sub/c.jpg", "other/c.jpg", "images/d.png", "images/e.jpg"]
 INFO = EncoderInfo("test/enc", 8, (32, 32))
@@ -63,7 +63,7 @@ def _labels_of(m: Membership, row: int) -> set[str]:
 
 @pytest.mark.parametrize("layout", ["columns", "onehot", "both"])
 def test_emotic_layouts_union_and_report(store, tmp_path, layout, caplog):
-    with caplog.at_level(logging.WARNING, logger="saefe.annotations"):
+    with caplog.at_level(logging.WARNING, logger="saefe.labels.annotations"):
         m = read_annotations(_csv(tmp_path, layout), store)
     assert m.matrix.shape == (len(PATHS), len(m.labels)) and m.matrix.dtype == bool
     assert "Unnamed: 0" not in m.labels and "X_min" not in m.labels

@@ -28,18 +28,19 @@ def small_demo(tmp_path_factory) -> tuple[Path, Path]:
     index, weights = root / "index", root / "weights"
     done = root / "BUILT"
     if not done.exists():
-        from saefe.build import BuildConfig, build_index
+        from saefe.demo.pipeline import DemoBuildConfig, build_demo
+        from saefe.ingest.build import BuildConfig
 
         t0 = time.time()
-        build_index(BuildConfig(out=str(index), sae_out=str(weights), demo_n=600, progress=False))
+        build_demo(DemoBuildConfig(build=BuildConfig(out=str(index), progress=False), sae_out=str(weights), n=600))
         print(f"small demo index built in {time.time() - t0:.1f}s")
         done.write_text("ok")
     return index, weights
 
 
 def launch_app(index: Path, weights: Path | None = None):
-    from saefe.app import launch
-    from saefe.engine import Engine
+    from saefe.serve.app import launch
+    from saefe.search.engine import Engine
 
     engine = Engine.open(index, sae_dir=weights)
     port = free_port()
@@ -221,7 +222,7 @@ def test_ui_handlers_slider_semantics(served):
     out = app._label_op("reset", None, 1, out[0], list(out[1:-1]))
     assert out[0] == {} and set(out[1 : 1 + st.n_slots]) == {0.0}
     # errors become a status line, never an exception
-    from saefe.app import _ui_safe
+    from saefe.serve.app import _ui_safe
 
     n_out = 1 + st.n_slots + 2 * st.n_custom + 1
     fn = _ui_safe(lambda: app._label_op("expr", None, 1, {}, zeros, expr="Esteem + Nobody"), n_out)

@@ -15,9 +15,9 @@ import requests
 from aiohttp import web
 from PIL import Image
 
-from saefe.backend_client import RemoteBackend
-from saefe.backend_server import make_app
-from saefe.clip_server import start_in_thread
+from saefe.remote.backend_client import RemoteBackend
+from saefe.serve.backend_server import make_app
+from saefe.serve.clip_server import start_in_thread
 from saefe.errors import IncompatibleError, RemoteError
 
 FAST = dict(retries=2, backoff=0.01, max_backoff=0.02, timeout=10)
@@ -37,7 +37,7 @@ def _unit(v):
 
 
 class FakeEngine:
-    """Same attributes as saefe.engine.Engine: deterministic, no model."""
+    """Same attributes as saefe.search.engine.Engine: deterministic, no model."""
 
     def __init__(self):
         rng = np.random.default_rng(0)
@@ -260,8 +260,8 @@ def test_client_malformed_info_and_retry():
 # -- done-when: serve-backend over a real index returns what the local engine returns -------------
 @pytest.fixture(scope="module")
 def real_index(tmp_path_factory, demo_encoder):
-    pytest.importorskip("saefe.engine")
-    build = pytest.importorskip("saefe.build")
+    pytest.importorskip("saefe.search.engine")
+    build = pytest.importorskip("saefe.ingest.build")
     tmp = tmp_path_factory.mktemp("backend_e2e")
     src = tmp / "imgs"
     src.mkdir()
@@ -291,7 +291,7 @@ def _same_as_local(url, eng, dim):
 
 
 def test_serve_backend_matches_local_engine(real_index, demo_encoder):
-    from saefe.engine import Engine
+    from saefe.search.engine import Engine
 
     eng = Engine.open(str(real_index), model="demo")
     url, stop = start_in_thread(make_app(eng))
@@ -306,8 +306,8 @@ def test_serve_backend_cli(real_index, demo_encoder):
     import threading
     import time
 
-    from saefe.cli import main
-    from saefe.engine import Engine
+    from saefe.cli.main import main
+    from saefe.search.engine import Engine
 
     url = _dead_url()
     port = url.rsplit(":", 1)[1]
@@ -325,7 +325,7 @@ def test_serve_backend_cli(real_index, demo_encoder):
 
 
 def test_serve_backend_cli_missing_index(tmp_path):
-    pytest.importorskip("saefe.engine")
-    from saefe.cli import main
+    pytest.importorskip("saefe.search.engine")
+    from saefe.cli.main import main
 
     assert main(["serve-backend", "--index", str(tmp_path / "nope"), "--port", "0"]) == 2

@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from saefe.build import BuildConfig, build_index
-from saefe.cli import main as cli
-from saefe.engine import Engine
+from saefe.ingest.build import BuildConfig, build_index
+from saefe.cli.main import main as cli
+from saefe.search.engine import Engine
 from saefe.errors import CorpusError, IncompatibleError, ModelLoadError
-from saefe.index import IndexConfig, VectorIndex
-from saefe.store import EmbeddingStore
+from saefe.ingest.index import IndexConfig, VectorIndex
+from saefe.ingest.store import EmbeddingStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,8 +156,8 @@ def test_missing_model_offline_says_how_to_provide_weights(tmp_path):
 
 
 def test_tiny_model_loads_from_a_saved_dir_like_real_weights(tmp_path, demo_encoder):
-    from saefe.encoder import SiglipEncoder
-    from saefe.tiny_model import make_tiny_siglip
+    from saefe.ingest.encoder import SiglipEncoder
+    from saefe.demo.tiny_model import make_tiny_siglip
 
     d = make_tiny_siglip(tmp_path / "tiny")
     assert (d / "model.safetensors").exists() and (d / "config.json").exists()
@@ -173,7 +173,7 @@ def test_resume_with_another_model_is_refused(tmp_path):
     root = make_folder(tmp_path / "c", n=4, bad=False)
     out = tmp_path / "o"
     out.mkdir()
-    from saefe.store import ChunkWriter
+    from saefe.ingest.store import ChunkWriter
 
     ChunkWriter(out, {"format_version": 1, "source_kind": "folder", "source": str(root.resolve()), "items": 4,
                       "model": "someone/else", "clip_server": None, "chunk_size": 1024})
@@ -276,7 +276,7 @@ def test_precomputed_row_mismatch_is_refused(tmp_path):
 
 
 def test_approximate_indexes_meet_recall_and_round_trip(tmp_path):
-    from saefe.index import _exact_search, recall_at_k
+    from saefe.ingest.index import _exact_search, recall_at_k
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, 32))
@@ -301,7 +301,7 @@ def test_approximate_indexes_meet_recall_and_round_trip(tmp_path):
 
 
 def test_every_cli_command_has_help(capsys):
-    from saefe.cli import COMMANDS
+    from saefe.cli.main import COMMANDS
 
     assert cli([]) == 0
     for name in COMMANDS:

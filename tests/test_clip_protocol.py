@@ -14,8 +14,8 @@ import requests
 from aiohttp import web
 from PIL import Image
 
-from saefe.clip_client import ClipServerEncoder
-from saefe.clip_server import Metrics, make_app, start_in_thread
+from saefe.remote.clip_client import ClipServerEncoder
+from saefe.serve.clip_server import Metrics, make_app, start_in_thread
 from saefe.errors import IncompatibleError, RemoteError
 from saefe.manifest import EncoderInfo
 
@@ -334,7 +334,7 @@ def _wait_healthy(url: str, timeout: float = 60) -> None:
 
 def test_serve_clip_cli(saefe_home, demo_encoder):
     """`saefe serve-clip` end to end (in a daemon thread: a subprocess would re-import torch)."""
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     url = _dead_url()
     port = url.rsplit(":", 1)[1]
@@ -348,7 +348,7 @@ def test_serve_clip_cli(saefe_home, demo_encoder):
 
 
 def test_serve_clip_cli_port_in_use(saefe_home):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -361,8 +361,8 @@ def test_serve_clip_cli_port_in_use(saefe_home):
 
 # -- done-when: an index built through --clip-server equals a local one --------------------------
 def test_index_built_through_clip_server_equals_local(tmp_path, clip_url):
-    build = pytest.importorskip("saefe.build")
-    from saefe.store import EmbeddingStore
+    build = pytest.importorskip("saefe.ingest.build")
+    from saefe.ingest.store import EmbeddingStore
 
     src = tmp_path / "imgs"
     src.mkdir()

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saefe.demo import (
+from saefe.demo.corpus import (
     DEMO_AGES,
     DEMO_EMOTIONS,
     DEMO_GENDERS,
@@ -31,7 +31,7 @@ def test_labels_and_prompts():
     assert len(DEMO_EMOTIONS) == 8 and {"Esteem", "Happiness"} <= set(DEMO_EMOTIONS)
     assert DEMO_LABELS == DEMO_EMOTIONS + ["Male", "Female", "Kid", "Teenager", "Adult"]
     assert set(DEMO_TEXT_PROMPTS) == set(DEMO_LABELS)
-    from saefe.tiny_model import _VOCAB_TEXT
+    from saefe.demo.tiny_model import _VOCAB_TEXT
 
     vocab = set(_VOCAB_TEXT.split())
     for prompt in DEMO_TEXT_PROMPTS.values():

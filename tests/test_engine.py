@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from saefe.bias import measure_bias
-from saefe.engine import Engine, Term
+from saefe.search.bias import measure_bias
+from saefe.search.engine import Engine, Term
 from saefe.errors import IncompatibleError, SaefeError, SteeringError
-from saefe.feature_rank import FeatureRanker, brute_force_rank
+from saefe.search.feature_rank import FeatureRanker, brute_force_rank
 
 LABELS = ["Kid", "Teenager", "Adult", "Male", "Female", "Esteem", "Happiness", "Sadness"]
 
@@ -25,12 +25,12 @@ def build_synthetic(root, info, n: int = 400, seed: int = 0):
     profiles, attributes.parquet and an EMOTIC-style annotations CSV. Returns (index_dir, sae_dir, csv)."""
     import torch
 
-    from saefe.annotations import read_annotations
-    from saefe.attributes import set_default_sae, write_attributes
-    from saefe.index import IndexConfig, VectorIndex
-    from saefe.labels import build_profiles
-    from saefe.sae import SAEConfig, TopKSAE
-    from saefe.store import write_store
+    from saefe.labels.annotations import read_annotations
+    from saefe.labels.attributes import set_default_sae, write_attributes
+    from saefe.ingest.index import IndexConfig, VectorIndex
+    from saefe.labels.profiles import build_profiles
+    from saefe.sae.model import SAEConfig, TopKSAE
+    from saefe.ingest.store import write_store
 
     rng = np.random.default_rng(seed)
     d = info.embedding_dim
@@ -143,7 +143,7 @@ def test_rank_bad_inputs(ids, ws, msg):
 
 
 def test_feature_mode_equals_brute_force(engine):
-    from saefe.labels import compute_codes
+    from saefe.labels.profiles import compute_codes
 
     codes = compute_codes(engine.store, engine.sae)
     for mix in ({0: 1.0, 3: -0.5}, {5: 1.0}, {1: 0.3, 2: 0.3, 60: -1.0}):
@@ -276,7 +276,7 @@ def test_engine_bias(engine):
 
 
 def test_search_cli_json(synth, capsys):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     for mode in ("direction", "features"):
         rc = main(["search", "--index", str(synth[0]), "--label", "Happiness", "--k", "7", "--json", "--mode", mode])
@@ -299,7 +299,7 @@ def test_search_cli_json(synth, capsys):
     ([], "give a query"),
 ])
 def test_search_cli_errors(synth, capsys, argv, msg):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     rc = main(["search", "--index", str(synth[0]), *argv])
     err = capsys.readouterr().err

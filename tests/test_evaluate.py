@@ -18,7 +18,7 @@ def synth(tmp_path_factory, demo_encoder):
 
 
 def test_split_is_deterministic_and_disjoint():
-    from saefe.evaluate import split_images
+    from saefe.analysis.evaluate import split_images
 
     a_tr, a_te = split_images(np.arange(100), 0.3, seed=0)
     b_tr, b_te = split_images(np.arange(100), 0.3, seed=0)
@@ -29,16 +29,16 @@ def test_split_is_deterministic_and_disjoint():
 
 
 def test_average_precision():
-    from saefe.evaluate import average_precision
+    from saefe.analysis.evaluate import average_precision
 
     assert average_precision([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx((1 + 2 / 3) / 2)
     assert np.isnan(average_precision([0, 0], [0.1, 0.2]))
 
 
 def test_probes_beat_chance(synth):
-    from saefe.annotations import read_annotations
-    from saefe.engine import Engine
-    from saefe.evaluate import evaluate_bias, evaluate_labels, format_report
+    from saefe.labels.annotations import read_annotations
+    from saefe.search.engine import Engine
+    from saefe.analysis.evaluate import evaluate_bias, evaluate_labels, format_report
 
     eng = Engine.open(synth[0])
     mem = read_annotations(synth[2], eng.store)
@@ -68,7 +68,7 @@ def test_probes_beat_chance(synth):
 
 
 def test_cli_json_and_table(synth, capsys):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     rc = main(["evaluate", "--index", str(synth[0]), "--annotations", str(synth[2]), "--json", "--k", "10"])
     assert rc == 0
@@ -89,7 +89,7 @@ def test_cli_json_and_table(synth, capsys):
     (["--bias-label", "Nope"], "unknown label"),
 ])
 def test_cli_errors(synth, capsys, extra, msg):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     rc = main(["evaluate", "--index", str(synth[0]), "--annotations", str(synth[2]), *extra])
     err = capsys.readouterr().err
@@ -97,7 +97,7 @@ def test_cli_errors(synth, capsys, extra, msg):
 
 
 def test_cli_missing_annotations(synth, tmp_path, capsys):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     rc = main(["evaluate", "--index", str(synth[0]), "--annotations", str(tmp_path / "nope.csv")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err

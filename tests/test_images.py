@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saefe.images import BadImage, decode_image
+from saefe.ingest.images import BadImage, decode_image
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from saefe.annotations import Membership
+from saefe.labels.annotations import Membership
 from saefe.errors import CorpusError, IncompatibleError, SteeringError
-from saefe.labels import (
+from saefe.labels.profiles import (
     LabelProfiles, build_profiles, compute_codes, distinct_ranking, membership_from_texts,
     read_prompts, shared_ranking,
 )
 from saefe.manifest import EncoderInfo
-from saefe.sae import SAEConfig, TopKSAE
-from saefe.store import write_store
+from saefe.sae.model import SAEConfig, TopKSAE
+from saefe.ingest.store import write_store
 
 INFO = EncoderInfo("test/enc", 16, (32, 32))
 N = 240
@@ -67,7 +67,7 @@ def random_membership(n: int = N, seed: int = 2) -> np.ndarray:
 def test_profiles_match_brute_force(store, sae, caplog):
     m = random_membership()
     names = ["Esteem", "Doubt/Confusion", "Valence high", "Empty"]
-    with caplog.at_level(logging.WARNING, logger="saefe.labels"):
+    with caplog.at_level(logging.WARNING, logger="saefe.labels.profiles"):
         prof = build_profiles(store, sae, m, names, "test")
     assert "Empty" in caplog.text
     assert prof.labels == names[:3] and prof.skipped == ["Empty"]
@@ -172,7 +172,7 @@ def test_save_load_round_trip_and_refusals(store, sae, tmp_path):
     sae.save_pretrained(sae_dir)
     m = random_membership()
     mem = Membership(m, ["Esteem", "Doubt/Confusion", "Valence high", "Empty"], None)  # type: ignore[arg-type]
-    from saefe.annotations import MembershipReport
+    from saefe.labels.annotations import MembershipReport
 
     mem.report = MembershipReport(source="x.csv", kind="annotations", thresholds={"Valence high": "Valence >= 7"})
     prof = build_profiles(store, sae, mem, sae_dir=sae_dir)
@@ -227,7 +227,7 @@ class FakeEncoder:
 
 
 def test_text_source_profiles(store, sae):
-    from saefe.index import VectorIndex
+    from saefe.ingest.index import VectorIndex
 
     enc = FakeEncoder(store, {"an excited person": 7, "a calm person": 100})
     prompts = {"Excitement": "an excited person", "Peace": "a calm person"}
@@ -264,7 +264,7 @@ def test_read_prompts(tmp_path):
 
 
 def test_cli_labels(store, sae, tmp_path, capsys):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     sae_dir = tmp_path / "weights" / "s"
     sae.save_pretrained(sae_dir)
@@ -291,8 +291,8 @@ def test_cli_labels(store, sae, tmp_path, capsys):
 
 
 def test_cli_texts_and_folders(store, sae, tmp_path, capsys, monkeypatch):
-    from saefe import encoder as encoder_mod
-    from saefe.cli import main
+    from saefe.ingest import encoder as encoder_mod
+    from saefe.cli.main import main
 
     sae_dir = tmp_path / "w" / "s"
     sae.save_pretrained(sae_dir)
@@ -329,7 +329,7 @@ def test_cli_texts_and_folders(store, sae, tmp_path, capsys, monkeypatch):
 def test_profile_arrays_ignore_stored_zeros():
     import scipy.sparse as sp
 
-    from saefe.labels import profile_arrays
+    from saefe.labels.profiles import profile_arrays
 
     # row 0 stores an explicit 0.0 for feature 1 (ReLU output kept by top-k): it did not fire
     codes = sp.csr_matrix((np.array([2.0, 0.0, 1.0]), np.array([0, 1, 1]), np.array([0, 2, 3])), shape=(2, 3))

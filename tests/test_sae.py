@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from saefe.errors import IncompatibleError, SaefeError
 from saefe.manifest import EncoderInfo
-from saefe.sae import SAEConfig, TopKSAE
+from saefe.sae.model import SAEConfig, TopKSAE
 
 INFO = EncoderInfo("google/siglip-so400m-patch14-384", 16, (384, 384))
 

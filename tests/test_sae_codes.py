@@ -11,10 +11,10 @@ import torch
 
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
 from saefe.manifest import EncoderInfo
-from saefe.sae import SAEConfig, TopKSAE
-from saefe.sae_codes import CODES_JSON, encode_corpus, load_codes
-from saefe.sae_metrics import planted_data
-from saefe.store import write_store
+from saefe.sae.model import SAEConfig, TopKSAE
+from saefe.sae.codes import CODES_JSON, encode_corpus, load_codes
+from saefe.sae.metrics import planted_data
+from saefe.ingest.store import write_store
 
 INFO = EncoderInfo("demo/tiny-siglip", 24, (64, 64))
 
@@ -126,7 +126,7 @@ def test_nan_in_store_is_a_clear_error(tmp_path):
 
 
 def test_cli_encode_sae(index, tmp_path, capsys):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     idx, _ = index
     _sae(tmp_path / "s")

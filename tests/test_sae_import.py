@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from saefe.errors import SaefeError
-from saefe.sae import TopKSAE
-from saefe.sae_import import import_sae
+from saefe.sae.model import TopKSAE
+from saefe.sae.original import import_sae
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_import_happy_path(original_classes, tmp_path, bias, compiled):
 
 
 def test_import_cli_with_model_id(original_classes, tmp_path, capsys):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     _, TrainConfig, SAEConfig = original_classes
     torch.save({"model": _Seed(16, 64, 6, False).state_dict(), "config": TrainConfig()}, tmp_path / "orig.pt")
@@ -99,7 +99,7 @@ def test_import_cli_with_model_id(original_classes, tmp_path, capsys):
 
 
 def test_malicious_checkpoint_is_refused_and_nothing_runs(original_classes, tmp_path, capsys):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     marker = tmp_path / "PWNED"
 

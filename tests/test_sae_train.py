@@ -10,10 +10,10 @@ import torch
 
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
 from saefe.manifest import EncoderInfo
-from saefe.sae import TopKSAE
-from saefe.sae_metrics import atoms_recovered, evaluate, planted_data
-from saefe.sae_train import CKPT_DIR, CKPT_JSON, TrainConfig, train_sae
-from saefe.store import write_store
+from saefe.sae.model import TopKSAE
+from saefe.sae.metrics import atoms_recovered, evaluate, planted_data
+from saefe.sae.train import CKPT_DIR, CKPT_JSON, TrainConfig, train_sae
+from saefe.ingest.store import write_store
 
 INFO = EncoderInfo("demo/tiny-siglip", 32, (64, 64))
 
@@ -56,7 +56,7 @@ def test_training_reduces_fvu_and_writes_everything(planted, tmp_path):
     assert m["fvu"] < 0.15 < base["fvu"], (m["fvu"], base["fvu"])
     assert atoms_recovered(sae.directions, atoms) >= 0.8
     # the report's numbers are the model's numbers on the validation split
-    from saefe.store import EmbeddingStore
+    from saefe.ingest.store import EmbeddingStore
 
     stored = EmbeddingStore.open(index).vectors  # fp16, as trained on
     again, counts = evaluate(sae, stored, np.sort(np.setdiff1d(np.arange(4000), _train_ids(4000))))
@@ -65,7 +65,7 @@ def test_training_reduces_fvu_and_writes_everything(planted, tmp_path):
 
 
 def _train_ids(n):
-    from saefe.sae_train import split_ids
+    from saefe.sae.train import split_ids
 
     return split_ids(n, 0.1, 0)[0]
 
@@ -124,7 +124,7 @@ def test_missing_index_and_bad_sizes(tmp_path, planted):
 
 
 def test_cli_train_sae(planted, tmp_path, capsys):
-    from saefe.cli import main
+    from saefe.cli.main import main
 
     rc = main(["train-sae", "--index", str(planted[0]), "--out", str(tmp_path / "cli"), "--d-hidden", "64", "--k", "4",
                "--epochs", "1", "--no-progress", "--device", "cpu"])

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from saefe.errors import IncompatibleError, SaefeError, SteeringError
-from saefe.saliency import overlay, smoothgrad
+from saefe.analysis.saliency import overlay, smoothgrad
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,8 @@ def test_overlay(image):
 def test_cli_writes_png(tmp_path, image, capsys):
     from test_engine import build_synthetic  # noqa: E402  (tests/ is on sys.path under pytest)
 
-    from saefe.cli import main
-    from saefe.encoder import SiglipEncoder
+    from saefe.cli.main import main
+    from saefe.ingest.encoder import SiglipEncoder
 
     info = SiglipEncoder.from_pretrained("demo", device="cpu").info
     index_dir, sae_dir, _ = build_synthetic(tmp_path, info, n=60)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from saefe.errors import SteeringError
-from saefe.labels import LabelProfiles
+from saefe.labels.profiles import LabelProfiles
 from saefe.manifest import EncoderInfo
-from saefe.sae import SAEConfig, TopKSAE
-from saefe.steer import FeatureMix, Term, evaluate_expression, parse_expression, query_vector, resolve_features
+from saefe.sae.model import SAEConfig, TopKSAE
+from saefe.search.mix import FeatureMix, Term, evaluate_expression, parse_expression, query_vector, resolve_features
 
 LABELS = ["Esteem", "Male", "Adult", "Doubt/Confusion", "Valence high", "Self-esteem"]
 H = 8

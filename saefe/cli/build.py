@@ -1,0 +1,78 @@
+"""``saefe build``: arguments and printing; the work is in saefe.ingest.build (and saefe.demo
+for the no-source offline demo)."""
+
+from __future__ import annotations
+
+import argparse
+from saefe.errors import SaefeError
+
+import saefe.ingest.build as _build
+from saefe.demo.pipeline import DEMO_INDEX, DEMO_SAE, DemoBuildConfig, build_demo
+
+
+def build_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("source (none: build the offline demo)")
+    src.add_argument("--images", help="folder of images (recursive)")
+    src.add_argument("--dataset", help="local Hugging Face dataset: imagefolder/parquet/webdataset dir or file, or a saved dataset")
+    src.add_argument("--split", default="train")
+    src.add_argument("--image-column", help="dataset column holding images (default: detected)")
+    src.add_argument("--dataset-builder", help="force a datasets builder, e.g. webdataset, parquet, imagefolder")
+    src.add_argument("--embeddings", help=".npy of precomputed vectors (imported, not re-embedded)")
+    src.add_argument("--metadata", help="CSV/Parquet of metadata row-aligned with --embeddings")
+    p.add_argument("--out", default=None, help=f"index dir (default {DEMO_INDEX} for the demo)")
+    p.add_argument("--model", default="demo", help="SigLIP hub id or local dir; 'demo' = built-in tiny model")
+    p.add_argument("--clip-server", help="embed through a running clip_server at this URL instead")
+    p.add_argument("--device", help="cuda / cpu (default: cuda when present)")
+    p.add_argument("--index-type", default="auto", choices=_build.KINDS)
+    p.add_argument("--flat-max", type=int, default=_build.IndexConfig.flat_max, help="auto: exact search up to this many vectors")
+    p.add_argument("--nprobe", type=int, default=0, help="IVF probes (0: tuned for --target-recall)")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--chunk-size", type=int, default=1024, help="images per committed chunk")
+    p.add_argument("--force", action="store_true", help="replace an existing index in --out")
+    p.add_argument("--no-progress", action="store_true")
+    demo = p.add_argument_group("demo")
+    demo.add_argument("--demo-n", type=int, default=3000, help="demo corpus size")
+    demo.add_argument("--demo-seed", type=int, default=0)
+    demo.add_argument("--sae-out", default=DEMO_SAE, help="where the demo's SAE and labels go")
+    demo.add_argument("--no-sae", action="store_true", help="demo: skip SAE training and label profiles")
+
+
+def is_demo(args: argparse.Namespace) -> bool:
+    return not (args.images or args.dataset or args.embeddings)
+
+
+def config_from_args(args: argparse.Namespace) -> _build.BuildConfig:
+    if args.metadata and not args.embeddings:
+        raise SaefeError("--metadata goes with --embeddings")
+    if sum(bool(x) for x in (args.images, args.dataset, args.embeddings)) > 1:
+        raise SaefeError("choose one source: --images, --dataset or --embeddings")
+    if not is_demo(args) and not args.out:
+        raise SaefeError("--out is required when a source is given (e.g. --out index/mycorpus)")
+    return _build.BuildConfig(
+        out=args.out or DEMO_INDEX,
+        images=args.images,
+        dataset=args.dataset,
+        split=args.split,
+        image_column=args.image_column,
+        dataset_builder=args.dataset_builder,
+        embeddings=args.embeddings,
+        metadata=args.metadata,
+        model=args.model,
+        clip_server=args.clip_server,
+        device=args.device,
+        index=_build.IndexConfig(kind=args.index_type, flat_max=args.flat_max, nprobe=args.nprobe, target_recall=args.target_recall),
+        chunk_size=args.chunk_size,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+
+
+def run_build(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if is_demo(args):
+        summary = build_demo(DemoBuildConfig(build=cfg, n=args.demo_n, seed=args.demo_seed, sae_out=args.sae_out,
+                                             with_sae=not args.no_sae))
+    else:
+        summary = _build.build_index(cfg)
+    print("\n".join(summary.lines()))
+    return 0

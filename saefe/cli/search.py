@@ -1,0 +1,93 @@
+"""``saefe search``: ranked images as JSON (or a table) for a label, expression, features,
+text or image query, in direction or exact feature-space mode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from saefe.search.engine import DEMO_INDEX, MODES, Engine, Term
+from saefe.errors import SaefeError
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", default=DEMO_INDEX, help=f"index dir (default {DEMO_INDEX})")
+    p.add_argument("--sae", help="SAE dir (default: the one the index's build recorded)")
+    p.add_argument("--labels", help="label profiles dir (default: SAE_DIR/labels)")
+    p.add_argument("--model", help="encoder for text/image queries (default: the index's)")
+    p.add_argument("--clip-server", help="embed text/image queries through this clip_server URL")
+    p.add_argument("--backend", help="search a running meme-search-engine backend at this URL instead of the local index")
+
+
+def open_engine(args: argparse.Namespace) -> Engine:
+    return Engine.open(args.index, sae_dir=args.sae, labels_dir=args.labels, model=args.model,
+                       clip_server=args.clip_server, backend=getattr(args, "backend", None))
+
+
+def parse_feature(spec: str) -> tuple[int, float]:
+    """``ID=W`` (or a bare ``ID``, weight 1)."""
+    fid, _, w = spec.partition("=")
+    try:
+        return int(fid.strip().lstrip("#f")), float(w) if w else 1.0
+    except ValueError:
+        raise SaefeError(f"bad --feature {spec!r}: expected ID=WEIGHT, e.g. 123=0.5") from None
+
+
+def terms_from_args(args: argparse.Namespace) -> list[Term]:
+    terms: list[Term] = []
+    if args.label:
+        terms.append(Term("label", args.label))
+    if args.expr:
+        terms.append(Term("expr", args.expr))
+    if args.feature:
+        terms.append(Term("features", dict(parse_feature(f) for f in args.feature)))
+    if args.text:
+        terms.append(Term("text", args.text, args.text_weight))
+    if args.image:
+        try:
+            with open(args.image, "rb") as f:
+                terms.append(Term("image", f.read(), args.image_weight))
+        except OSError as e:
+            raise SaefeError(f"cannot read --image {args.image}: {e.strerror}") from None
+    if not terms:
+        raise SaefeError("give a query: --label, --expr, --feature ID=W, --text or --image")
+    return terms
+
+
+def search_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p)
+    q = p.add_argument_group("query (terms are combined)")
+    q.add_argument("--label", help="a label's mix, e.g. Esteem")
+    q.add_argument("--expr", help='label arithmetic, e.g. "Esteem - Male + Adult" or "Excitement + 0.5*Peace"')
+    q.add_argument("--feature", action="append", metavar="ID=W", help="a feature with a weight (repeatable)")
+    q.add_argument("--text", help="text query")
+    q.add_argument("--text-weight", type=float, default=1.0)
+    q.add_argument("--image", help="image file query")
+    q.add_argument("--image-weight", type=float, default=1.0)
+    p.add_argument("--mode", choices=MODES, default="direction",
+                   help="direction: cosine to the mixed decoder direction; features: exact sum_j w_j a_j(image)")
+    p.add_argument("--k", type=int, default=20, help="number of results")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {id, score, path/url, ...}")
+    p.add_argument("--bias", action="store_true", help="also print the demographic make-up of the results")
+
+
+def run_search(args: argparse.Namespace) -> int:
+    engine = open_engine(args)
+    results = engine.search(terms_from_args(args), k=args.k, mode=args.mode)
+    if args.json:
+        payload = [r.to_json() for r in results]
+        if args.bias:
+            payload = {"results": payload, "bias": engine.bias(results).to_dict()}
+        json.dump(payload, sys.stdout, indent=1)
+        print()
+        return 0
+    for rank, r in enumerate(results, 1):
+        where = r.metadata.get("path") or r.metadata.get("url") or ""
+        print(f"{rank:4d}  {r.score:+.4f}  id={r.id:<8d} {where}")
+    if args.bias:
+        rep = engine.bias(results)
+        for attr, shares in rep.shares.items():
+            parts = ", ".join(f"{g} {s:.0%} (corpus {rep.base_rates[attr][g]:.0%})" for g, s in shares.items())
+            print(f"{attr}: {parts}; MaxSkew {rep.max_skew[attr]:+.2f}, NDKL {rep.ndkl[attr]:.3f}")
+    return 0

@@ -1,0 +1,242 @@
+"""``saefe serve-backend``: a local index behind meme-search-engine's search API.
+
+- ``POST /`` JSON ``{"terms": [{"embedding": [f32...]} | {"text": str} | {"image": base64}
+  | {"predefined_embedding": name}, each with optional "weight" (default 1)], "k": int (default
+  1000), "include_video": bool (ignored)}``. Each term's embedding is L2-normalised, the terms are
+  summed with their weights, the sum is L2-normalised and searched with ``engine.search_vector``.
+  Reply ``{"matches": [[score, filename_or_url, sha256 or "", 0, [width, height] | null, null], ...],
+  "formats": [], "extensions": {}}``. A bad request (unknown term type, wrong dimension, bad base64,
+  NaN, undecodable image, unknown predefined name) gets 400 ``{"error": message}``.
+- ``GET /`` -> ``{"n_total", "predefined_embedding_names", "d_emb"}``; ``GET /metrics`` Prometheus text.
+
+Permissive CORS like the original, so a browser front end on another origin can query it. The
+engine (model and index) runs on one worker thread off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from saefe.serve.clip_server import METRICS_KEY, Metrics, metrics_response, serve_forever
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 1000
+MAX_K = 100_000
+MAX_BODY = 2**26
+TERM_TYPES = ("embedding", "text", "image", "predefined_embedding")
+
+
+class QueryError(Exception):
+    """A bad request: answered 400 {"error": message}."""
+
+
+def _normalised(v: np.ndarray, what: str) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32).reshape(-1)
+    if not np.isfinite(v).all():
+        raise QueryError(f"{what} contains NaN or inf")
+    n = float(np.linalg.norm(v))
+    if n < 1e-12:
+        raise QueryError(f"{what} is all zeros")
+    return v / n
+
+
+def _to_match(r) -> list:
+    md = getattr(r, "metadata", None) or {}
+    # a URL as is; else the absolute path the engine resolved (usable by a client on this machine)
+    name = next((v for v in (md.get("url"), md.get("image_path"), md.get("path")) if isinstance(v, str) and v),
+                str(getattr(r, "id", "")))
+    sha = md.get("sha256")
+    w, h = md.get("width"), md.get("height")
+    size = None
+    try:
+        if w is not None and h is not None and not (isinstance(w, float) and math.isnan(w)):
+            size = [int(w), int(h)]
+    except (TypeError, ValueError):
+        size = None
+    return [float(r.score), name, sha if isinstance(sha, str) else "", 0, size, None]
+
+
+class QueryPlanner:
+    """Turns the JSON terms into one query vector with an engine; raises QueryError on bad input."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.dim = int(engine.dim)
+
+    def parse(self, body) -> tuple[list[tuple[str, object, float]], int]:
+        if not isinstance(body, dict):
+            raise QueryError("request must be a JSON object with 'terms'")
+        terms = body.get("terms")
+        if not isinstance(terms, list) or not terms:
+            raise QueryError("'terms' must be a non-empty array")
+        k = body.get("k", DEFAULT_K)
+        if k is None:
+            k = DEFAULT_K
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise QueryError(f"'k' must be a positive integer, got {k!r}")
+        parsed = []
+        for i, term in enumerate(terms):
+            if not isinstance(term, dict):
+                raise QueryError(f"term {i} must be an object")
+            unknown = set(term) - set(TERM_TYPES) - {"weight"}
+            if unknown:
+                raise QueryError(f"term {i} has unknown type {sorted(unknown)[0]!r}; use one of {', '.join(TERM_TYPES)}")
+            weight = term.get("weight", 1.0)
+            if weight is None:
+                weight = 1.0
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise QueryError(f"term {i} weight must be a finite number, got {weight!r}")
+            kinds = [t for t in TERM_TYPES if t in term]
+            if not kinds:
+                raise QueryError(f"term {i} has none of {', '.join(TERM_TYPES)}")
+            for kind in kinds:  # the original adds every kind a term carries
+                parsed.append((kind, self._check(i, kind, term[kind]), float(weight)))
+        return parsed, min(int(k), MAX_K)
+
+    def _check(self, i: int, kind: str, value):
+        if kind == "embedding":
+            if not isinstance(value, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in value
+            ):
+                raise QueryError(f"term {i} embedding must be an array of numbers")
+            if len(value) != self.dim:
+                raise QueryError(f"term {i} embedding has dimension {len(value)}, expected {self.dim}")
+            return _normalised(np.asarray(value, dtype=np.float32), f"term {i} embedding")
+        if kind == "text":
+            if not isinstance(value, str) or not value.strip():
+                raise QueryError(f"term {i} text must be a non-empty string")
+            return value
+        if kind == "image":
+            if not isinstance(value, str):
+                raise QueryError(f"term {i} image must be a base64 string")
+            s = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+            try:
+                data = base64.b64decode(s, validate=True)
+            except (binascii.Error, ValueError):
+                raise QueryError(f"term {i} image is not valid base64") from None
+            if not data:
+                raise QueryError(f"term {i} image is empty")
+            return data
+        # predefined_embedding
+        if not isinstance(value, str) or value not in self.engine.predefined:
+            names = ", ".join(sorted(self.engine.predefined)) or "none on this server"
+            raise QueryError(f"term {i}: unknown predefined_embedding {value!r} (available: {names})")
+        return value
+
+    def query_vector(self, parsed) -> np.ndarray:
+        """Blocking: embeds text/image terms through the engine."""
+        from saefe.errors import SaefeError
+
+        total = np.zeros(self.dim, np.float32)
+        for j, (kind, value, weight) in enumerate(parsed):
+            try:
+                if kind == "embedding":
+                    v = value
+                elif kind == "text":
+                    v = self.engine.embed_text(value)
+                elif kind == "image":
+                    v = self.engine.embed_image_bytes(value)
+                else:
+                    v = self.engine.predefined[value]
+            except SaefeError as e:
+                raise QueryError(f"{kind} term: {e}") from None
+            except Exception as e:  # noqa: BLE001 - undecodable images surface as many exception types
+                if kind == "image":
+                    raise QueryError(f"image term: cannot decode image ({type(e).__name__})") from None
+                raise
+            total += weight * _normalised(np.asarray(v, dtype=np.float32), f"{kind} term embedding")
+        return _normalised(total, "the weighted sum of the terms")
+
+    def search(self, parsed, k: int) -> list:
+        from saefe.errors import RemoteError, SaefeError
+
+        q = self.query_vector(parsed)
+        try:
+            results = self.engine.search_vector(q, min(k, max(1, int(self.engine.n_total))))
+        except RemoteError:
+            raise  # the engine's own remote backend failed: a server-side error (500)
+        except SaefeError as e:
+            raise QueryError(str(e)) from None
+        return [_to_match(r) for r in results]
+
+
+def make_app(engine):
+    """An aiohttp app serving ``engine`` (Engine or anything with the same attributes)."""
+    from aiohttp import web
+
+    planner = QueryPlanner(engine)
+    predefined_names = sorted(engine.predefined)  # computed once here, not on the event loop
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saefe-backend-engine")
+    metrics = Metrics()
+    metrics.counter("saefe_backend_queries_total", "Search requests by status")
+    metrics.counter("saefe_backend_terms_total", "Query terms by type")
+    metrics.counter("saefe_backend_errors_total", "Search requests that failed, by reason")
+    metrics.histogram("saefe_backend_query_seconds", "Search request latency in seconds")
+    cors = {
+        "Access-Control-Allow-Origin": "*",
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": "Content-Type",
+    }
+
+    def reply(obj, status: int = 200):
+        return web.json_response(obj, status=status, headers=cors)
+
+    async def search(request):
+        t0 = time.perf_counter()
+        try:
+            try:
+                body = await request.json()
+            except web.HTTPRequestEntityTooLarge:
+                raise QueryError(f"request body exceeds {MAX_BODY} bytes") from None
+            except ValueError:
+                raise QueryError("request body is not valid JSON") from None
+            parsed, k = planner.parse(body)
+            for kind, _, _ in parsed:
+                metrics.inc("saefe_backend_terms_total", type=kind)
+            loop = asyncio.get_running_loop()
+            matches = await loop.run_in_executor(executor, planner.search, parsed, k)
+            status, out = 200, {"matches": matches, "formats": [], "extensions": {}}
+        except QueryError as e:
+            metrics.inc("saefe_backend_errors_total", reason="bad_request")
+            status, out = 400, {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - report, keep serving
+            log.exception("search failed")
+            metrics.inc("saefe_backend_errors_total", reason="internal")
+            status, out = 500, {"error": f"{type(e).__name__}: {e}"}
+        metrics.inc("saefe_backend_queries_total", status=str(status))
+        metrics.observe("saefe_backend_query_seconds", time.perf_counter() - t0)
+        return reply(out, status)
+
+    async def info(request):
+        return reply({
+            "n_total": int(engine.n_total),
+            "predefined_embedding_names": predefined_names,
+            "d_emb": int(engine.dim),
+        })
+
+    async def options(request):
+        return web.Response(status=204, headers=cors)
+
+    async def metrics_view(request):
+        return metrics_response(metrics)
+
+    async def on_cleanup(app):
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_post("/", search)
+    app.router.add_get("/", info)
+    app.router.add_route("OPTIONS", "/", options)
+    app.router.add_get("/metrics", metrics_view)
+    app.on_cleanup.append(on_cleanup)
+    app[METRICS_KEY] = metrics
+    return app
