@@ -29,6 +29,10 @@ def build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--chunk-size", type=int, default=1024, help="images per committed chunk")
     p.add_argument("--force", action="store_true", help="replace an existing index in --out")
+    ray = p.add_argument_group('distributed (pip install -e ".[distributed]")')
+    ray.add_argument("--ray", metavar="ADDRESS", help="embed on Ray: 'local' starts it here, 'auto' or ray://host:port joins a cluster")
+    ray.add_argument("--ray-cpus", type=int, default=None, help="--ray local: CPUs Ray may use (default all)")
+    ray.add_argument("--ray-batch-size", type=int, default=0, help="images per model call (default 256 on GPUs, 64 on CPUs)")
     p.add_argument("--no-progress", action="store_true")
     demo = p.add_argument_group("demo")
     demo.add_argument("--demo-n", type=int, default=3000, help="demo corpus size")
@@ -69,9 +73,18 @@ def config_from_args(args: argparse.Namespace) -> _build.BuildConfig:
 
 def run_build(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if is_demo(args) and args.ray:
+        raise SaefeError("--ray builds from --images or --dataset (the demo is built in this process)")
     if is_demo(args):
         summary = build_demo(DemoBuildConfig(build=cfg, n=args.demo_n, seed=args.demo_seed, sae_out=args.sae_out,
                                              with_sae=not args.no_sae))
+    elif args.ray:
+        if args.embeddings:
+            raise SaefeError("--ray embeds images; --embeddings imports vectors that need no embedding")
+        from saefe.ingest.distributed.distributor import RayConfig
+        from saefe.ingest.distributed.runner import build_with_ray
+
+        summary = build_with_ray(cfg, RayConfig(address=args.ray, num_cpus=args.ray_cpus, embed_batch_size=args.ray_batch_size))
     else:
         summary = _build.build_index(cfg)
     print("\n".join(summary.lines()))

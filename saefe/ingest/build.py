@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,7 @@ import pandas as pd
 from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, read_precomputed
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
 from saefe.ingest.images import BadImage, decode_image
-from saefe.ingest.index import KINDS, IndexConfig, VectorIndex
+from saefe.ingest.index import KINDS, IndexConfig, VectorIndex, build_saved_index
 from saefe.manifest import FORMAT_VERSION, EncoderInfo
 from saefe.ingest.store import ChunkWriter, EmbeddingStore, read_manifest, write_manifest, write_store
 from saefe.ingest.models import canonical_model_id
@@ -116,8 +116,37 @@ def _item_key(meta: dict[str, Any], i: int) -> str:
     return str(meta.get("path") or meta.get("url") or meta.get("key") or i)
 
 
-def build_index(cfg: BuildConfig) -> BuildSummary:
-    """Run (or resume, or confirm) a build; see the module docstring."""
+class ChunkEmbedder(Protocol):
+    """Turns the corpus' not-yet-committed chunks into committed ones (``writer.commit``).
+
+    The single-process loop below is one; saefe.ingest.distributed's Ray pipeline is another.
+    Both commit through ``triage`` so they store the same rows and skips."""
+
+    def prepare(self, cfg: BuildConfig) -> EncoderInfo: ...
+
+    def embed(self, cfg: BuildConfig, corpus: ImageCorpus, writer: ChunkWriter, todo: list[int],
+              committed: dict, seen: set[str]) -> int: ...
+
+
+class LocalEmbedder:
+    """This process: a loader thread decodes chunk i+1 while the model embeds chunk i."""
+
+    def __init__(self) -> None:
+        self.encoder = None
+
+    def prepare(self, cfg: BuildConfig) -> EncoderInfo:
+        from saefe.ingest.encoder import load_encoder
+
+        self.encoder = load_encoder(cfg.model, cfg.clip_server, cfg.device)
+        return self.encoder.info
+
+    def embed(self, cfg, corpus, writer, todo, committed, seen) -> int:
+        return _embed_chunks(cfg, corpus, writer, todo, committed, seen, self.encoder)
+
+
+def build_index(cfg: BuildConfig, embedder: ChunkEmbedder | None = None) -> BuildSummary:
+    """Run (or resume, or confirm) a build; see the module docstring. ``embedder``: who embeds
+    the missing chunks (default: this process; the Ray build passes its own)."""
     if cfg.chunk_size < 1:
         raise SaefeError("chunk size must be at least 1")
     out = Path(cfg.out)
@@ -138,7 +167,8 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
                 f"{done['encoder']['model_id']!r}; pass --force to replace it or choose another --out"
             )
     if cfg.force:
-        for name in ("manifest.json", "vectors.npy", "metadata.parquet", "index.faiss", "index.json", "chunks"):
+        for name in ("manifest.json", "vectors.npy", "metadata.parquet", "index.faiss", "index.json", "chunks", "index_shards", "ray_shards",
+                     *(p.name for p in out.glob("index-*.ivfdata"))):
             p = out / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,20 +184,17 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         if committed[cid].count:
             seen.update(writer.metadata(cid)["sha256"].tolist())
     embedded = 0
-    encoder = None
+    info = None
     if todo:
-        from saefe.ingest.encoder import load_encoder
-
-        encoder = load_encoder(cfg.model, cfg.clip_server, cfg.device)
-        _check_encoder_stable(out, encoder.info)
-        embedded = _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder)
-    info = encoder.info if encoder else EncoderInfo.from_dict(_read_encoder(out))
+        embedder = embedder or LocalEmbedder()
+        info = embedder.prepare(cfg)
+        _check_encoder_stable(out, info)
+        embedded = embedder.embed(cfg, corpus, writer, todo, committed, seen)
+    info = info or EncoderInfo.from_dict(_read_encoder(out))
     total, skips = writer.finalise(info, {})
     if total == 0:
         raise CorpusError(f"no usable images in {corpus.source}: all {n} were skipped ({_reasons(skips)})")
-    store_vectors = np.load(out / "vectors.npy", mmap_mode="r")
-    vi = VectorIndex.build(store_vectors, cfg.index, progress=cfg.progress)
-    vi.save(out)
+    vi = build_saved_index(out, cfg.index, progress=cfg.progress)
     reasons = Counter(s["reason"] for s in skips)
     dups = reasons.pop("duplicate", 0)
     manifest = {
@@ -220,20 +247,9 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
             items, px = future.result()
             if j + 1 < len(todo):  # decode the next chunk while this one is embedded
                 future = prefetch.submit(load_chunk, pool, todo[j + 1])
-            images, metas, skipped, keep = [], [], [], []
-            for i, img, meta, reason in items:
-                if reason is None and meta["sha256"] in seen:
-                    reason = "duplicate"
-                if img is not None:  # one flag per decoded image, aligned with ``px``
-                    keep.append(reason is None)
-                if reason is not None:
-                    skipped.append({"item": _item_key(meta, i), "reason": reason})
-                    if reason != "duplicate":
-                        log.warning("skipped %s: %s", _item_key(meta, i), reason)
-                    continue
-                seen.add(meta["sha256"])
-                images.append(img)
-                metas.append(meta)
+            stored, metas, skipped = triage([(i, meta, reason) for i, _, meta, reason in items], seen)
+            images = [img for (_, img, _, _), s in zip(items, stored) if s]
+            keep = [s for (_, img, _, _), s in zip(items, stored) if img is not None]  # aligned with ``px``
             if not images:
                 vecs = np.zeros((0, encoder.info.embedding_dim), np.float32)
             elif px is not None:
@@ -249,6 +265,26 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
             bar.update(len(items))
     bar.close()
     return embedded
+
+
+def triage(items: list[tuple[int, dict[str, Any], str | None]], seen: set[str]) -> tuple[list[bool], list[dict], list[dict]]:
+    """Decide, in corpus order, which decoded items a chunk stores: the first copy of each byte
+    hash; later copies become "duplicate" skips. ``items`` are (index, meta, skip reason or None).
+    Returns (stored flag per item, metadata of the stored, skip records); updates ``seen``.
+    Shared by the single-process and the Ray build so both store exactly the same rows."""
+    stored, metas, skipped = [], [], []
+    for i, meta, reason in items:
+        if reason is None and meta["sha256"] in seen:
+            reason = "duplicate"
+        stored.append(reason is None)
+        if reason is not None:
+            skipped.append({"item": _item_key(meta, i), "reason": reason})
+            if reason != "duplicate":
+                log.warning("skipped %s: %s", _item_key(meta, i), reason)
+            continue
+        seen.add(meta["sha256"])
+        metas.append(meta)
+    return stored, metas, skipped
 
 
 def _check_encoder_stable(out: Path, info: EncoderInfo) -> None:
@@ -312,8 +348,7 @@ def _import_embeddings(cfg: BuildConfig) -> BuildSummary:
     info = EncoderInfo(model_id=model_id, embedding_dim=int(v.shape[1]))
     write_store(out, v, meta, info, {"source_kind": "embeddings", "corpus_root": str(Path(cfg.embeddings).resolve().parent),
                                      "skipped": skipped, "duplicates": 0, "complete": False})
-    vi = VectorIndex.build(np.load(out / "vectors.npy", mmap_mode="r"), cfg.index, progress=cfg.progress)
-    vi.save(out)
+    vi = build_saved_index(out, cfg.index, progress=cfg.progress)
     m = read_manifest(out)
     m.update(index_type=vi.kind, index_params=vi.params, complete=True)
     write_manifest(out, m)

@@ -52,6 +52,28 @@ def _pooled(out):
     return out if hasattr(out, "shape") else out.pooler_output
 
 
+def info_from_config(config, model_id: str) -> EncoderInfo:
+    """The EncoderInfo a SigLIP config implies (no weights needed)."""
+    vc = config.vision_config
+    size = int(vc.image_size)
+    dim = int(getattr(config.text_config, "projection_size", None) or vc.hidden_size)
+    return EncoderInfo(model_id=model_id, embedding_dim=dim, image_size=(size, size))
+
+
+def encoder_info(name_or_path: str) -> EncoderInfo:
+    """EncoderInfo of a local model from its config alone: a coordinator (the Ray build's
+    driver) records it without loading the weights that only its workers need."""
+    from transformers import AutoConfig
+
+    path, model_id = resolve_model(str(name_or_path))
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=os.environ.get("SAEFE_ALLOW_DOWNLOAD") != "1")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the config of model {name_or_path!r} offline ({type(e).__name__}); "
+                             "pass a local model directory, or `--model demo`") from None
+    return info_from_config(config, model_id)
+
+
 class SiglipEncoder:
     """SigLIP behind ``from_pretrained``; records the EncoderInfo every artefact inherits."""
 
@@ -64,10 +86,7 @@ class SiglipEncoder:
         self.device = device
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.batch_size = batch_size
-        vc = model.config.vision_config
-        size = int(vc.image_size)
-        dim = int(getattr(model.config.text_config, "projection_size", None) or vc.hidden_size)
-        self.info = EncoderInfo(model_id=model_id, embedding_dim=dim, image_size=(size, size))
+        self.info = info_from_config(model.config, model_id)
         self.max_text_len = int(model.config.text_config.max_position_embeddings)
 
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 PARAMS_FILE = "index.json"
-KINDS = ("auto", "flat", "ivf", "ivf-sq8", "hnsw")
+KINDS = ("auto", "flat", "ivf", "ivf-sq8", "hnsw", "ivfpq-ondisk")
+ONDISK_KINDS = ("ivfpq-ondisk",)  # built into, and searched from, files in the index dir
 
 
 @dataclass
@@ -38,6 +39,7 @@ class IndexConfig:
     ef_construction: int = 40
     ef_search: int = 0  # 0 = tuned at build time to reach target_recall
     use_gpu: bool = True
+    ondisk: dict[str, Any] = field(default_factory=dict)  # ivfpq-ondisk: OnDiskParams fields
 
 
 def _faiss():
@@ -80,6 +82,8 @@ class VectorIndex:
         cfg = cfg or IndexConfig()
         n, d = vectors.shape
         kind = resolve_kind(cfg, n)
+        if kind in ONDISK_KINDS:
+            raise SaefeError(f"index type {kind} is built into an index dir: use build_saved_index")
         metric = faiss.METRIC_INNER_PRODUCT
         params: dict[str, Any] = {"kind": kind}
         if kind == "flat":
@@ -172,8 +176,12 @@ class VectorIndex:
         d = Path(dir)
         if not (d / INDEX_FILE).exists():
             raise SaefeError(f"no FAISS index at {d}; build it with `saefe build` (or python scripts/build_index.py)")
-        index = faiss.read_index(str(d / INDEX_FILE))
         params = read_json(d / PARAMS_FILE) if (d / PARAMS_FILE).exists() else {"kind": "flat"}
+        if params.get("kind") in ONDISK_KINDS:
+            from saefe.ingest.index_ondisk import OnDiskIndex
+
+            return OnDiskIndex.load(d)
+        index = faiss.read_index(str(d / INDEX_FILE))
         vi = cls(index, params.get("kind", "flat"), int(index.d), params)
         if "nprobe" in params:
             vi.set_nprobe(params["nprobe"])
@@ -191,6 +199,24 @@ class VectorIndex:
         self.index = faiss.index_cpu_to_gpu(res, 0, self.index)
         self._gpu_res = res  # keep alive
         log.info("FAISS index moved to GPU")
+
+
+def build_saved_index(dir: str | os.PathLike, cfg: IndexConfig, progress: bool = False,
+                      vectors_file: str = "vectors.npy") -> VectorIndex:
+    """Build the index over the store's ``vectors.npy`` and save it beside it: in RAM then saved
+    for the in-memory kinds, shard by shard into the dir for the on-disk ones."""
+    d = Path(dir)
+    vectors = np.load(d / vectors_file, mmap_mode="r", allow_pickle=False)
+    kind = resolve_kind(cfg, len(vectors))
+    if kind in ONDISK_KINDS:
+        from saefe.ingest.index_ondisk import OnDiskParams, build_ondisk
+
+        return build_ondisk(d, cfg, OnDiskParams(**cfg.ondisk), vectors_file, progress=progress)
+    vi = VectorIndex.build(vectors, cfg, progress=progress)
+    vi.save(d)
+    for stale in d.glob("index-*.ivfdata"):  # a previous on-disk index's lists
+        stale.unlink(missing_ok=True)
+    return vi
 
 
 def _exact_search(vectors: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,136 @@
+"""`saefe build --ray local`: same store as the plain build, resumable, failures reported.
+
+One local Ray (2 CPUs) is shared by the whole module: starting it costs several seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from saefe.errors import SaefeError  # noqa: E402
+from saefe.ingest.build import BuildConfig, build_index  # noqa: E402
+from saefe.ingest.distributed.distributor import RayConfig, connect, failure  # noqa: E402
+from saefe.ingest.distributed.runner import build_with_ray  # noqa: E402
+from saefe.ingest.distributed.writer import ShardAssembler, ShardStage  # noqa: E402
+from saefe.ingest.store import ChunkWriter  # noqa: E402
+
+from test_build import make_folder  # noqa: E402
+
+CHUNK = 7
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    connect(RayConfig("local", num_cpus=2, object_store_memory=256 << 20))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def plain(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "index"
+    build_index(BuildConfig(images=str(corpus), out=str(out), chunk_size=CHUNK, progress=False))
+    return out
+
+
+def _cfg(corpus, out) -> BuildConfig:
+    return BuildConfig(images=str(corpus), out=str(out), chunk_size=CHUNK, progress=False)
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    va, vb = np.load(a / "vectors.npy").astype(np.float32), np.load(b / "vectors.npy").astype(np.float32)
+    assert va.shape == vb.shape
+    assert (va * vb).sum(1).min() > 0.999  # fp16 stores of the same embeddings
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "metadata.parquet"), pd.read_parquet(b / "metadata.parquet"))
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    for key in ("count", "dim", "encoder", "skipped", "skipped_items", "duplicates", "index_type", "build_key"):
+        assert ma[key] == mb[key], key
+    assert not (b / "chunks").exists()
+
+
+def test_ray_build_matches_plain_build(cluster, corpus, plain, tmp_path):
+    out = tmp_path / "ray"
+    s = build_with_ray(_cfg(corpus, out), RayConfig("local"))
+    assert s.count == 21 and s.duplicates == 1 and s.embedded_now == 21
+    assert s.skipped == {"empty file": 1, "not an image": 1, "truncated image": 1}
+    assert_same_store(plain, out)
+    again = build_with_ray(_cfg(corpus, out), RayConfig("local"))
+    assert again.already_built and again.embedded_now == 0
+
+
+def test_failing_shard_is_reported_and_resumed_without_redoing_shards(cluster, corpus, plain, tmp_path):
+    out = tmp_path / "ray"
+    with pytest.raises(SaefeError, match=r"1 shard\(s\) failed .*shard 2: InjectedFault: injected failure in shard 2.*"
+                                         r"2 of 4 shards .*run the same command again"):
+        build_with_ray(_cfg(corpus, out), RayConfig("local", fault={"shard": 2, "mode": "raise"}))
+    assert sorted(p.name for p in (out / "chunks").glob("0*.json")) == ["000000.json", "000001.json"]
+    assert sorted(p.name for p in (out / "ray_shards").glob("0*.json")) == ["000003.json"]  # done, waits for 2
+    kept = sum(json.loads((out / "chunks" / f"00000{c}.json").read_text())["count"] for c in (0, 1))
+    staged = json.loads((out / "ray_shards" / "000003.json").read_text())["vectors"]
+    # shards 0, 1 (committed) and 3 (staged) are not redone: faults planted there cannot fire
+    s = build_with_ray(_cfg(corpus, out), RayConfig("local", fault={"shard": [0, 1, 3], "mode": "raise"}))
+    assert s.embedded_now == 21 - kept - staged and s.count == 21  # shard 2 only
+    assert_same_store(plain, out)
+    assert not (out / "ray_shards").exists()
+
+
+def test_worker_that_dies_mid_shard_is_restarted(cluster, corpus, plain, tmp_path):
+    out = tmp_path / "ray"
+    marker = tmp_path / "died"
+    build_with_ray(_cfg(corpus, out), RayConfig("local", fault={"shard": 1, "mode": "exit", "marker": str(marker)}))
+    assert marker.exists()  # the worker did die once
+    assert_same_store(plain, out)
+
+
+def test_plain_build_resumes_a_ray_build(cluster, corpus, plain, tmp_path):
+    out = tmp_path / "ray"
+    with pytest.raises(SaefeError):
+        build_with_ray(_cfg(corpus, out), RayConfig("local", fault={"shard": 3, "mode": "raise"}))
+    build_index(_cfg(corpus, out))
+    assert_same_store(plain, out)
+
+
+def test_lost_cluster_keeps_finished_shards(tmp_path):
+    """The driver's side of a cluster going away mid-run: complete shards are staged and the
+    staged prefix committed in order; a half-received shard is not; the error says how to resume."""
+    writer = ChunkWriter(tmp_path, {"k": 1})
+    stage = ShardStage(tmp_path, {"k": 1})
+    rows = [{"shard": s, "lo": 2 * s, "hi": 2 * s + 2} for s in range(4)]
+    asm = ShardAssembler(writer, stage, [0, 1, 2, 3], rows, set(), dim=4)
+
+    def batch(items):
+        return {"shard": np.array([i // 2 for i in items]), "item": np.array(items),
+                "meta": np.array([json.dumps({"path": f"{i}.png", "sha256": str(i % 5)}) for i in items], dtype=object),
+                "reason": np.array([""] * len(items), dtype=object), "ok": np.ones(len(items), bool),
+                "vector": np.ones((len(items), 4), np.float16)}
+
+    asm.add(batch([2, 3, 6]))  # shard 1 complete but shard 0 is not: staged, not committed
+    assert writer.committed() == {} and stage.done() == {1}
+    asm.add(batch([0, 1, 4]))
+    assert sorted(writer.committed()) == [0, 1] and asm.remaining == [2, 3] and stage.done() == set()
+    err = failure(ConnectionError("Ray client lost the connection"), len(asm.committed), 4, asm.remaining[0])
+    assert "stopped at shard 2 (ConnectionError: Ray client lost the connection)" in str(err)
+    assert "2 of 4 shards" in str(err) and "\n" not in str(err)
+    # the next run: shard 2 again, then 3; item 5 (hash "0") duplicates item 0
+    asm = ShardAssembler(writer, stage, [2, 3], rows[2:], {"0", "1", "2", "3"}, dim=4)
+    asm.add(batch([7, 4, 5, 6]))
+    assert sorted(writer.committed()) == [0, 1, 2, 3]
+    assert writer.committed()[2].count == 1 and writer.committed()[2].skipped == [{"item": "5.png", "reason": "duplicate"}]
+
+
+def test_cli_refuses_ray_without_a_source(capsys):
+    from saefe.cli.main import main as cli
+
+    assert cli(["build", "--ray", "local"]) != 0
+    assert "--ray builds from --images or --dataset" in capsys.readouterr().err
