@@ -167,7 +167,7 @@ def build_index(cfg: BuildConfig, embedder: ChunkEmbedder | None = None) -> Buil
                 f"{done['encoder']['model_id']!r}; pass --force to replace it or choose another --out"
             )
     if cfg.force:
-        for name in ("manifest.json", "vectors.npy", "metadata.parquet", "index.faiss", "index.json", "chunks", "index_shards", "ray_shards",
+        for name in ("manifest.json", "vectors.npy", "metadata.parquet", "index.faiss", "index.json", "chunks", "index_shards",
                      *(p.name for p in out.glob("index-*.ivfdata"))):
             p = out / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -130,3 +130,15 @@ class Embed:
                 out["error"] = np.where(ok, f"{type(e).__name__}: {e}", out["error"]).astype(object)
         out["vector"] = vecs
         return out
+
+
+class DecodeEmbed:
+    """Both stages in one actor, for clusters without GPUs: no pixels cross the object store
+    and each worker loads the model once (one actor per CPU, shards in parallel)."""
+
+    def __init__(self, spec: CorpusSpec, model: str, fault: dict | None = None, batch_size: int = 64, threads: int = 1):
+        self.decode = DecodePreprocess(spec, model, "float32", fault, threads=2)
+        self.embed = Embed(model, "cpu", batch_size, threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.embed(self.decode(batch))

@@ -36,29 +36,46 @@ class RayEmbedder:
         return self.info
 
     def plan(self, cluster, n_shards: int) -> dict[str, Any]:
-        """Actor counts and resources: every GPU gets a model actor; without GPUs one CPU model
-        actor per 2 CPUs (at least 1), the other CPUs decode."""
+        """Stages and actor counts. With GPUs: a model actor per GPU, the other CPUs decode.
+        Without: one fused decode+embed actor per CPU (``RayConfig.fused=False`` keeps the GPU
+        layout's two stages on CPU actors)."""
         from ray.data import ActorPoolStrategy
 
         rc = self.rc
         if cluster.gpus:
             embed = dict(compute=ActorPoolStrategy(size=cluster.gpus), num_gpus=1, num_cpus=1)
             cpus_left = max(1, cluster.cpus - cluster.gpus)
-            batch, dtype, device = rc.embed_batch_size or 256, "float16", "cuda"
+            batch, dtype, device, fused = rc.embed_batch_size or 256, "float16", "cuda", False
         else:
-            n_embed = max(1, cluster.cpus // 2)
+            fused = rc.fused is not False
+            n_embed = max(1, min(n_shards, cluster.cpus if fused else cluster.cpus // 2))
             embed = dict(compute=ActorPoolStrategy(size=n_embed), num_cpus=1)
             cpus_left = max(1, cluster.cpus - n_embed)
             batch, dtype, device = rc.embed_batch_size or 64, "float32", "cpu"
         n_decode = max(1, min(rc.decode_actors or cpus_left, n_shards))
         decode = dict(compute=ActorPoolStrategy(min_size=1, max_size=n_decode), num_cpus=1)
-        return dict(embed=embed, decode=decode, batch=batch, dtype=dtype, device=device)
+        return dict(embed=embed, decode=decode, batch=batch, dtype=dtype, device=device, fused=fused)
+
+    def pipeline(self, rows, spec: CorpusSpec, model: str, p: dict[str, Any]):
+        from saefe.ingest.distributed.mapper import DecodeEmbed, DecodePreprocess, Embed
+
+        ds = shard_dataset(rows)
+        if p["fused"]:
+            return ds.map_batches(DecodeEmbed, batch_size=1, batch_format="numpy",
+                                  fn_constructor_kwargs=dict(spec=spec, model=model, fault=self.rc.fault, batch_size=p["batch"]),
+                                  **p["embed"])
+        return (
+            ds.map_batches(DecodePreprocess, batch_size=1, batch_format="numpy",
+                           fn_constructor_kwargs=dict(spec=spec, model=model, pixel_dtype=p["dtype"], fault=self.rc.fault),
+                           **p["decode"])
+            .map_batches(Embed, batch_size=p["batch"], batch_format="numpy",
+                         fn_constructor_kwargs=dict(model=model, device=p["device"], batch_size=p["batch"]),
+                         **p["embed"])
+        )
 
     def embed(self, cfg, corpus, writer, todo, committed, seen) -> int:
         import ray.data
         from tqdm import tqdm
-
-        from saefe.ingest.distributed.mapper import DecodePreprocess, Embed
 
         stage = ShardStage(writer.dir, read_json(writer.chunks / "build.json"))
         staged = stage.done()
@@ -80,15 +97,7 @@ class RayEmbedder:
             ctx.enable_progress_bars = False
             ctx.print_on_execution_start = False
             log.info("ray: %d CPUs, %d GPUs; %d shards; plan %s", cluster.cpus, cluster.gpus, len(rows), p)
-            ds = (
-                shard_dataset(rows)
-                .map_batches(DecodePreprocess, batch_size=1, batch_format="numpy",
-                             fn_constructor_kwargs=dict(spec=spec, model=cfg.model, pixel_dtype=p["dtype"], fault=self.rc.fault),
-                             **p["decode"])
-                .map_batches(Embed, batch_size=p["batch"], batch_format="numpy",
-                             fn_constructor_kwargs=dict(model=cfg.model, device=p["device"], batch_size=p["batch"]),
-                             **p["embed"])
-            )
+            ds = self.pipeline(rows, spec, cfg.model, p)
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     asm.add(batch)

@@ -1,7 +1,7 @@
 """Driver side of the Ray build: item rows back into shards, staged on disk, committed in order.
 
 Rows stream in from the workers in any order. A shard whose items have all arrived is *staged*
-(``ray_shards/NNNNNN.npy`` fp16 vectors of its decoded items, ``.parquet`` item index + metadata
+(``chunks/staged/NNNNNN.npy`` fp16 vectors of its decoded items, ``.parquet`` item index + metadata
 JSON + skip reason, then the ``.json`` done-marker; each written atomically), so a finished shard
 is never redone, whatever happens to the run later. Staged shards are then *committed* in corpus
 order: duplicates are decided against the hashes of everything before (build.triage, as the
@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 
 from saefe.errors import IncompatibleError
-from saefe.ingest.store import ChunkWriter, _save_npy_atomic, _save_parquet_atomic
+from saefe.ingest.store import CHUNKS, ChunkWriter, _save_npy_atomic, _save_parquet_atomic
 from saefe.manifest import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-STAGE_DIR = "ray_shards"
+STAGE_DIR = "staged"  # inside the build's chunks/ dir: removed, forced and keyed with it
 Item = tuple[int, dict[str, Any], "str | None", "np.ndarray | None"]  # index, meta, skip reason, vector
 
 
@@ -36,7 +36,7 @@ class ShardStage:
     """Finished shards of Ray runs that wait for every earlier shard to be committed."""
 
     def __init__(self, out: str | os.PathLike, build_key: dict[str, Any]):
-        self.dir = Path(out) / STAGE_DIR
+        self.dir = Path(out) / CHUNKS / STAGE_DIR
         keyfile = self.dir / "build.json"
         if keyfile.exists() and read_json(keyfile) != build_key:  # left by a build with other settings
             shutil.rmtree(self.dir)
