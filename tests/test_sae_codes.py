@@ -12,7 +12,9 @@ import torch
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
 from saefe.manifest import EncoderInfo
 from saefe.sae.model import SAEConfig, TopKSAE
-from saefe.sae.codes import CODES_JSON, encode_corpus, load_codes
+from saefe.sae.codes import CODES_JSON, encode_corpus, load_codes, open_codes
+from saefe.sae.codes_store import ARRAYS, merge_chunks, open_arrays
+from saefe.search.feature_rank import FeatureRanker
 from saefe.sae.metrics import planted_data
 from saefe.ingest.store import write_store
 
@@ -63,9 +65,51 @@ def test_codes_round_trip(index, tmp_path):
     # by name too
     csr2, _ = load_codes(idx, "mysae")
     assert (csr2 != csr).nnz == 0
-    # pickles are refused by the loader
-    with np.load(out / "codes_csr.npz", allow_pickle=False) as z:
-        assert z["data"].dtype == np.float32
+    # plain .npy arrays (no pickles), memory-mapped by open_codes
+    assert np.load(out / "csr_data.npy", allow_pickle=False).dtype == np.float32
+    assert meta["schema_version"] == 2 and not list(out.glob("*.npz"))
+    mcsr, mcsc = open_codes(idx, "mysae")
+    assert isinstance(mcsc.indices, np.memmap) and isinstance(mcsr.data, np.memmap)
+    assert (mcsr.to_scipy() != csr).nnz == 0 and (mcsc.to_scipy() != csc).nnz == 0
+    ids, w = np.array([3, 7, 11, 40]), np.array([1.0, -0.5, 2.0, 0.3])
+    for a, b in zip(FeatureRanker(mcsc, 700).rank(ids, w, 25), FeatureRanker(csc, 700).rank(ids, w, 25)):
+        assert np.array_equal(a, b)
+
+
+def test_schema_1_npz_codes_are_still_read(index, tmp_path):
+    idx, _ = index
+    _sae(tmp_path / "s")
+    out = encode_corpus(idx, tmp_path / "s", chunk_size=256, progress=False)
+    csr, csc = load_codes(idx, tmp_path / "s")
+    meta = json.loads((out / CODES_JSON).read_text())
+    for name in ARRAYS:  # rewrite as an older saefe left it
+        (out / f"{name}.npy").unlink()
+    sp.save_npz(out / "codes_csr.npz", csr, compressed=False)
+    sp.save_npz(out / "codes_csc.npz", csc, compressed=False)
+    meta.pop("schema_version")
+    meta["format"] = "saefe-sae-codes-1"
+    (out / CODES_JSON).write_text(json.dumps(meta))
+    old_csr, old_csc = open_codes(idx, tmp_path / "s")
+    assert (old_csr != csr).nnz == 0 and (old_csc != csc).nnz == 0
+    (out / "codes_csc.npz").unlink()
+    with pytest.raises(SaefeError, match="older saefe.*re-run `saefe encode-sae --overwrite`"):
+        open_codes(idx, tmp_path / "s")
+
+
+def test_merge_drops_zeros_and_sorts_postings(tmp_path):
+    v = np.array([[0.5, 0.0, 2.0], [1.0, 3.0, 0.0], [0.0, 0.0, 0.0], [4.0, 1.5, 0.25]], np.float32)
+    i = np.array([[4, 1, 0], [0, 2, 4], [1, 2, 3], [3, 0, 4]], np.int32)
+    chunks = [lambda: (v[:2], i[:2]), lambda: (v[2:], i[2:])]
+    assert merge_chunks(chunks, 4, 5, tmp_path) == 7
+    csr, csc = open_arrays(tmp_path, (4, 5))
+    dense = np.zeros((4, 5), np.float32)
+    for r in range(4):
+        for c in range(3):
+            dense[r, i[r, c]] += v[r, c]
+    assert np.array_equal(csr.to_scipy().toarray(), dense) and np.array_equal(csc.to_scipy().toarray(), dense)
+    assert csr.indices.tolist() == [0, 4, 0, 2, 0, 3, 4] and csc.indices.tolist() == [0, 1, 3, 1, 3, 0, 3]
+    with pytest.raises(SaefeError, match="4 rows, expected 5"):
+        merge_chunks(chunks, 5, 5, tmp_path / "x")
 
 
 def test_resume_from_committed_chunks(index, tmp_path, monkeypatch):

@@ -61,7 +61,10 @@ class OnDiskParams:
 
     def factory(self, d: int) -> str:
         opq = f"OPQ{self.pq_m}_{self.opq_dim}" if self.opq_dim < d else f"OPQ{self.pq_m}"
-        return f"{opq},IVF{self.nlist},PQ{self.pq_m}"
+        # past a few thousand lists, assigning N vectors to flat centroids dominates the fill:
+        # an HNSW over the centroids (as autofaiss does) makes it ~20x cheaper
+        quantizer = "_HNSW32" if self.nlist >= 4096 else ""
+        return f"{opq},IVF{self.nlist}{quantizer},PQ{self.pq_m}"
 
 
 def estimate_memory(n: int, d: int, params: dict[str, Any] | None = None) -> int:
@@ -98,6 +101,10 @@ def train_empty(vectors: np.ndarray, p: OnDiskParams, seed: int = 0):
     index = faiss.index_factory(d, p.factory(d), faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.niter = 10  # as in index.py: enough for search, 2.5x cheaper than faiss' 25
+    opq = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
+    # faiss' OPQ defaults (50 rounds, 40 PQ iterations first, 65k points) take ~10 min on 2
+    # cores; candidates are re-ranked exactly, so a lighter rotation is enough
+    opq.niter, opq.niter_pq_0, opq.max_train_points = 10, 10, 16384
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, p.train_size, replace=False))
     x = np.empty((len(sample), d), np.float32)

@@ -284,9 +284,9 @@ class Engine:
         sae = self.require_sae()
         if self.sae_dir is not None:  # the stored inverted index, when encode-sae wrote one
             try:
-                from saefe.sae.codes import load_codes
+                from saefe.sae.codes import open_codes
 
-                _, csc = load_codes(self.store.dir, self.sae_dir)
+                _, csc = open_codes(self.store.dir, self.sae_dir)  # memory-mapped postings
                 if csc is not None and csc.shape == (len(self.store), sae.config.d_hidden):
                     return FeatureRanker(csc, len(self.store))
             except (SaefeError, OSError, ValueError, KeyError) as e:

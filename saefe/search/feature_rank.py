@@ -31,6 +31,8 @@ DENSE_CORPUS_FRACTION = 4
 
 class FeatureRanker:
     def __init__(self, csc, n_total: int | None = None):
+        # a scipy CSC matrix, or codes_store.SparseArrays (memory-mapped .npy: only the mix's
+        # features' postings are ever read from disk)
         self.csc = csc.tocsc() if not hasattr(csc, "indptr") or csc.format != "csc" else csc
         self.n_total = int(n_total if n_total is not None else self.csc.shape[0])
         if self.n_total < self.csc.shape[0]:
