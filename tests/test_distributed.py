@@ -121,6 +121,27 @@ def test_lost_cluster_keeps_finished_shards(tmp_path):
     assert writer.committed()[2].count == 1 and writer.committed()[2].skipped == [{"item": "5.png", "reason": "duplicate"}]
 
 
+def test_encode_sae_on_ray_matches_local(cluster, tmp_path):
+    import torch
+
+    from saefe.manifest import EncoderInfo
+    from saefe.sae.codes import encode_corpus, load_codes
+    from saefe.sae.metrics import planted_data
+    from saefe.sae.model import SAEConfig, TopKSAE
+    from saefe.ingest.store import write_store
+
+    info = EncoderInfo("demo/tiny-siglip", 24, (64, 64))
+    x, _ = planted_data(500, 24, 40, 3, seed=5)
+    torch.manual_seed(0)
+    TopKSAE(SAEConfig(24, 96, 5), info).save_pretrained(tmp_path / "w" / "s")
+    for name in ("a", "b"):
+        write_store(tmp_path / name, x, None, info)
+    encode_corpus(tmp_path / "a", tmp_path / "w" / "s", chunk_size=128, progress=False)
+    encode_corpus(tmp_path / "b", tmp_path / "w" / "s", chunk_size=128, progress=False, ray="local")
+    (a, _), (b, _) = load_codes(tmp_path / "a", tmp_path / "w" / "s"), load_codes(tmp_path / "b", tmp_path / "w" / "s")
+    assert a.shape == b.shape and abs(a - b).max() < 1e-5
+
+
 def test_cli_refuses_ray_without_a_source(capsys):
     from saefe.cli.main import main as cli
 

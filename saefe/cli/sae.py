@@ -84,13 +84,14 @@ def encode_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="rows per SAE forward (default: fits ~0.5 GB on CPU, 2 GB on GPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="recompute even if up to date")
+    p.add_argument("--ray", metavar="ADDRESS", help="encode chunks as parallel Ray tasks: local, auto or ray://host:port")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run_encode(args) -> int:
     out = _encode.encode_corpus(
         args.index, args.sae, chunk_size=args.chunk_size, device=args.device, batch_size=args.batch_size,
-        progress=not args.no_progress, overwrite=args.overwrite,
+        progress=not args.no_progress, overwrite=args.overwrite, ray=args.ray,
     )
     meta = _encode.read_json(out / _encode.CODES_JSON)
     print(f"codes for {meta['shape'][0]} images x {meta['shape'][1]} features (mean L0 {meta['mean_l0']:.1f}) in {out}")
