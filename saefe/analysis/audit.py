@@ -243,7 +243,7 @@ def audit_label(engine, label: str, attribute: str, top: int = 10, threshold: fl
     exc, flag = fa.excess, fa.flagged(threshold)
     rows = []
     for j in feats:
-        g = int(np.argmax(np.abs(exc[j])))
+        g = int(np.argmax(exc[j]))  # the group it leans towards (its excess is >= 0)
         strip: list[str] = []
         if examples > 0 and engine.index is not None:
             rep = engine.inspect_feature(j, k=examples)
@@ -264,8 +264,8 @@ def audit_label(engine, label: str, attribute: str, top: int = 10, threshold: fl
 
 
 def format_audit(rep: AuditReport) -> str:
-    head = f"{'feature':>8} {'weight':>7} {'fires':>6} " + " ".join(f"{g[:8]:>8}" for g in rep.groups) + \
-        f" {'excess':>8}  {'bias':<5} examples"
+    head = f"{'feature':>8} {'weight':>7} {'fires':>6} " + " ".join(f"{g[:10]:>10}" for g in rep.groups) + \
+        f"  {'excess':<14} {'bias':<4} examples"
     lines = [f"audit of {rep.label!r} for {rep.attribute}: its top {len(rep.rows)} features; share of each group "
              "among the labelled images where the feature fires (what the images' labels explain in brackets)"]
     if rep.label_shares:
@@ -273,11 +273,11 @@ def format_audit(rep: AuditReport) -> str:
                      + "; corpus: " + ", ".join(f"{g} {s:.0%}" for g, s in rep.corpus_shares.items()))
     lines += [head, "-" * len(head)]
     for r in rep.rows:
-        shares = " ".join(f"{r.shares[g]:>4.0%}({r.expected[g]:>2.0%})"[:8].rjust(8) for g in rep.groups)
-        ex = f"{r.excess:+.2f}{r.lean[:1]}"
+        shares = " ".join(f"{r.shares[g]:.0%} ({r.expected[g]:.0%})".rjust(10) for g in rep.groups)
+        ex = f"{r.excess:+.2f} {r.lean}"
         strip = " ".join(os.path.basename(p) for p in r.examples[:4])
-        lines.append(f"{'f' + str(r.feature):>8} {r.weight:>7.3f} {r.support:>6d} {shares} {ex:>8}  "
-                     f"{'YES' if r.flagged else '':<5} {strip}")
+        lines.append(f"{'f' + str(r.feature):>8} {r.weight:>7.3f} {r.support:>6d} {shares}  {ex:<14} "
+                     f"{'YES' if r.flagged else '':<4} {strip}")
     n = sum(r.flagged for r in rep.rows)
     lines.append(f"{n} of {len(rep.rows)} carry the bias (|excess| >= {rep.threshold:.2f}; excess = group share "
                  "beyond what the images' labels explain, shrunk for rarely firing features); "

@@ -327,17 +327,12 @@ def calibrate_projection(search_ids, q: np.ndarray, u: np.ndarray, attrs, target
 
 def debiased_search(engine, terms, k: int, mode: str, cfg: DebiasConfig) -> DebiasedResults:
     """``engine.search`` with ``cfg`` applied; see the module docstring."""
-    from saefe.search.engine import MIX_KINDS, TERM_KINDS, Term, _check_k, _unit
+    from saefe.search.engine import MIX_KINDS, TERM_KINDS, _check_k, _unit
     from saefe.search.mix import check_weight
 
     t0 = time.perf_counter()
     k = _check_k(k)
-    dem = engine.demographics
-    attrs = dem.require(cfg.protect)
-    targets = resolve_targets(cfg.target, attrs)
-    info = DebiasInfo(list(cfg.methods), [a.name for a in attrs], cfg.target,
-                      {a.name: {g: float(s) for g, s in zip(a.groups, targets[a.name])} for a in attrs},
-                      {a.name: a.source for a in attrs}, {a.name: a.any_estimated for a in attrs})
+    attrs, targets, info = start(engine, cfg)
     if "project" in cfg.methods and mode != "direction":
         raise SaefeError("project acts on the query vector; use --mode direction (or ablate/rerank in features mode)")
     if not terms:
@@ -356,83 +351,119 @@ def debiased_search(engine, terms, k: int, mode: str, cfg: DebiasConfig) -> Debi
         elif flagged is not None:
             info.notes.append(f"ablate leaves the {t.kind} term as it is (it has no SAE features)")
         mixes.append((t, w, mix))
-    rerank = "rerank" in cfg.methods
-    fetch = min(max(cfg.pool, k), max(1, int(engine.n_total))) if rerank else k
     if mode == "direction":
         acc = np.zeros(engine.dim, np.float64)
         for t, w, mix in mixes:
             acc += w * (engine.direction(mix) if mix is not None else engine.term_vector(t))
-        q = _unit(acc, "the combined query")
-        if "project" in cfg.methods:
-            u = attribute_directions(engine, attrs)
-            lam = 1.0
-            calibrated = cfg.calibrate and not rerank
-            if calibrated:
-                try:
-                    lam, dev = calibrate_projection(lambda v: local_ids(engine, engine.search_vector(v, k)),
-                                                    q, u, attrs, targets, cfg.tolerance)
-                except SaefeError as e:  # a remote backend's results that the local index lacks
-                    if engine.backend is None:
-                        raise
-                    calibrated, lam, dev = False, 1.0, None
-                    info.notes.append(f"projection not calibrated (plain projection): {e}")
-                if dev is not None:
-                    info.met = dev <= cfg.tolerance
-                    if not info.met:
-                        info.notes.append(f"projection alone cannot reach the target shares (best: off by {dev:.2f}); "
-                                          "add rerank to enforce them")
-            q2 = project(q, u, lam)
-            info.projection = {"lambda": lam, "directions": int(u.shape[0]), "calibrated": calibrated,
-                               "cosine_to_query": float(q2 @ q), "component_removed": float(np.linalg.norm(u @ q))}
-            q = q2
-        cands = engine.search_vector(q, fetch)
-    else:
-        all_ids, all_ws = [], []
-        for t, w, mix in mixes:
-            if mix is None:
-                raise SaefeError(f"feature mode ranks by SAE features; a {t.kind} term needs --mode direction")
-            ids, ws = mix.as_arrays()
-            all_ids.append(ids)
-            all_ws.append(ws.astype(np.float64) * w)
-        ids, inv = np.unique(np.concatenate(all_ids), return_inverse=True)
-        ws = np.bincount(inv, weights=np.concatenate(all_ws), minlength=len(ids))
-        if not (ws != 0).any():
-            raise SteeringError("all sliders are zero")
-        cands = engine._rank_arrays(ids[ws != 0], ws[ws != 0], fetch)
-    if rerank:
+        return vector_search(engine, _unit(acc, "the combined query"), k, cfg, attrs, targets, info, t0)
+    all_ids, all_ws = [], []
+    for t, w, mix in mixes:
+        if mix is None:
+            raise SaefeError(f"feature mode ranks by SAE features; a {t.kind} term needs --mode direction")
+        ids, ws = mix.as_arrays()
+        all_ids.append(ids)
+        all_ws.append(ws.astype(np.float64) * w)
+    ids, inv = np.unique(np.concatenate(all_ids), return_inverse=True)
+    ws = np.bincount(inv, weights=np.concatenate(all_ws), minlength=len(ids))
+    if not (ws != 0).any():
+        raise SteeringError("all sliders are zero")
+    cands = engine._rank_arrays(ids[ws != 0], ws[ws != 0], _fetch(engine, k, cfg))
+    return _finish(engine, cands, k, cfg, attrs, targets, info, t0)
+
+
+def start(engine, cfg: DebiasConfig) -> tuple[list, dict[str, np.ndarray], DebiasInfo]:
+    """(protected attributes, their target shares, a fresh DebiasInfo); the one-line errors for
+    attributes with neither labels nor probes, and for bad targets, come from here."""
+    attrs = engine.demographics.require(cfg.protect)
+    targets = resolve_targets(cfg.target, attrs)
+    info = DebiasInfo(list(cfg.methods), [a.name for a in attrs], cfg.target,
+                      {a.name: {g: float(s) for g, s in zip(a.groups, targets[a.name])} for a in attrs},
+                      {a.name: a.source for a in attrs}, {a.name: a.any_estimated for a in attrs})
+    return attrs, targets, info
+
+
+def _fetch(engine, k: int, cfg: DebiasConfig) -> int:
+    return min(max(cfg.pool, k), max(1, int(engine.n_total))) if "rerank" in cfg.methods else k
+
+
+def vector_search(engine, q: np.ndarray, k: int, cfg: DebiasConfig, attrs=None, targets=None,
+                  info: DebiasInfo | None = None, t0: float | None = None) -> DebiasedResults:
+    """Search a query vector with ``project`` and/or ``rerank`` of ``cfg`` (ablate acts on mixes
+    before the vector is made; see debiased_search)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    if attrs is None:
+        attrs, targets, info = start(engine, cfg)
+    rerank = "rerank" in cfg.methods
+    if "project" in cfg.methods:
+        u = attribute_directions(engine, attrs)
+        lam, dev, calibrated = 1.0, None, cfg.calibrate and not rerank
+        if calibrated:
+            try:
+                lam, dev = calibrate_projection(lambda v: local_ids(engine, engine.search_vector(v, k)),
+                                                q, u, attrs, targets, cfg.tolerance)
+            except SaefeError as e:  # a remote backend's results that the local index lacks
+                if engine.backend is None:
+                    raise
+                calibrated = False
+                info.notes.append(f"projection not calibrated (plain projection): {e}")
+        if dev is not None:
+            info.met = dev <= cfg.tolerance
+            if not info.met:
+                info.notes.append(f"projection alone cannot reach the target shares (best: off by {dev:.2f}); "
+                                  "add rerank to enforce them")
+        q2 = project(q, u, lam)
+        info.projection = {"lambda": lam, "directions": int(u.shape[0]), "calibrated": calibrated,
+                           "cosine_to_query": float(q2 @ q), "component_removed": float(np.linalg.norm(u @ q))}
+        q = q2
+    return _finish(engine, engine.search_vector(q, _fetch(engine, k, cfg)), k, cfg, attrs, targets, info, t0)
+
+
+def _finish(engine, cands, k, cfg, attrs, targets, info, t0) -> DebiasedResults:
+    if "rerank" in cfg.methods:
         cands = fair_rerank_results(engine, cands, attrs, targets, k, info)
-    else:
-        cands = cands[:k]
-    out = DebiasedResults(cands)
+    out = DebiasedResults(cands[:k])
     info.seconds = time.perf_counter() - t0
     out.info = info
     return out
 
 
+def ablated_direction(engine, label: str, flagged: np.ndarray) -> np.ndarray:
+    """A label's direction after ablation (for the server's predefined embeddings)."""
+    from saefe.search.engine import Term
+
+    return engine.direction(ablate_mix(engine.mix(Term("label", label)), flagged))
+
+
 def fair_rerank_results(engine, cands, attrs, targets: dict[str, np.ndarray], k: int, info: DebiasInfo) -> list:
-    """The top-k of ``cands`` re-ranked to the joint target over ``attrs`` (see fair_rank)."""
-    from saefe.search.fair_rank import fair_rerank
+    """The top-k of ``cands`` re-ranked to the targets over the intersection of ``attrs`` (cells in
+    C order; images whose group is unknown form one more bucket kept at its corpus share)."""
+    from saefe.search.fair_rank import apportion, fair_rerank, joint_quota
 
     ids = local_ids(engine, cands)
-    hard = [ag.hard() for ag in attrs]
     sizes = [len(ag.groups) for ag in attrs]
-    joint_all = np.zeros(len(engine.store), np.int64)
-    unknown = np.zeros(len(joint_all), bool)
-    for h, n in zip(hard, sizes):
-        joint_all = joint_all * n + np.maximum(h, 0)
+    cell = np.zeros(len(engine.store), np.int64)
+    unknown = np.zeros(len(cell), bool)
+    for ag, n in zip(attrs, sizes):
+        h = ag.hard()
+        cell = cell * n + np.maximum(h, 0)
         unknown |= h < 0
-    n_joint = int(np.prod(sizes))
-    joint_all[unknown] = n_joint  # the last bucket: group unknown
-    if info.target == "corpus":  # the joint corpus distribution keeps every marginal exact
-        shares = np.bincount(joint_all, minlength=n_joint + 1).astype(np.float64)
-        shares /= shares.sum()
+    n_cells = int(np.prod(sizes))
+    cell[unknown] = n_cells
+    if info.target == "corpus":  # the joint corpus distribution; its marginals are the base rates
+        joint = np.bincount(cell[~unknown], minlength=n_cells).astype(np.float64)
+        joint = joint / joint.sum() if joint.sum() else np.full(n_cells, 1.0 / n_cells)
+        marg = [joint.reshape(sizes).sum(axis=tuple(b for b in range(len(sizes)) if b != a)) for a in range(len(sizes))]
     else:
-        shares = np.ones(1)
-        for ag in attrs:
-            shares = np.outer(shares, targets[ag.name]).ravel()
-        unk = float(unknown.mean())
-        shares = np.concatenate([shares * (1.0 - unk), [unk]])
-    fr = fair_rerank(joint_all[ids], shares, k)
+        marg = [targets[ag.name] for ag in attrs]
+        joint = np.ones(1)
+        for m in marg:
+            joint = np.outer(joint, m).ravel()
+    unk = float(unknown.mean())
+    k_eff = min(k, len(ids))
+    k_known, k_unk = apportion(np.array([1.0 - unk, unk]), k_eff)
+    wanted = np.concatenate([joint_quota(marg, joint, int(k_known)), [k_unk]])
+    shares = np.concatenate([joint * (1.0 - unk), [unk]])
+    fr = fair_rerank(cell[ids], shares, k_eff, wanted=wanted)
     picked = [cands[int(i)] for i in fr.order]
     got = {ag.name: {g: float(s) for g, s in zip(ag.groups, shares_of(ag, ids[fr.order]))} for ag in attrs}
     info.rerank = {"pool": len(cands), "met": fr.met, "shares": got}

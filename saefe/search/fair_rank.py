@@ -4,7 +4,8 @@ Given each candidate's group (in relevance order) and target shares, :func:`fair
 a top-k that
 
 * holds exactly ``quota[g]`` candidates of group g, where ``quota`` is the largest-remainder
-  rounding of ``target * k`` whenever the pool has that many of every group (else the missing
+  rounding of ``target * k`` (for an intersection of attributes, :func:`joint_quota`: exact
+  per-attribute roundings, cells as close to the joint target as those allow) whenever the pool has that many of every group (else the missing
   slots go to the groups that have spare candidates, in proportion to their targets, and the
   result says the target was not met);
 * keeps each group's candidates in their relevance order (group g contributes exactly its
@@ -53,6 +54,31 @@ def apportion(shares: np.ndarray, k: int) -> np.ndarray:
     return base
 
 
+def joint_quota(marginals: list[np.ndarray], joint: np.ndarray, k: int) -> np.ndarray:
+    """Counts per cell of several attributes' intersection (cells in C order of the attributes'
+    groups) summing to k, whose per-attribute totals are exactly each marginal's apportionment:
+    cells are filled one slot at a time, largest joint deficit (joint * k - count) first, among the
+    cells whose every group is still under its marginal quota (one always is while slots remain)."""
+    sizes = [len(m) for m in marginals]
+    quotas = [apportion(m, k) for m in marginals]
+    joint = np.asarray(joint, dtype=np.float64).reshape(sizes)
+    joint = joint / joint.sum() if joint.sum() > 0 else np.full(sizes, 1.0 / joint.size)
+    count = np.zeros(sizes, np.int64)
+    totals = [np.zeros(n, np.int64) for n in sizes]
+    cells = list(np.ndindex(*sizes))
+    for _ in range(int(k)):
+        best, best_d = None, -np.inf
+        for c in cells:
+            if all(totals[a][c[a]] < quotas[a][c[a]] for a in range(len(sizes))):
+                d = joint[c] * k - count[c]
+                if d > best_d + 1e-12:
+                    best, best_d = c, d
+        count[best] += 1
+        for a in range(len(sizes)):
+            totals[a][best[a]] += 1
+    return count.reshape(-1)
+
+
 def feasible_quota(wanted: np.ndarray, available: np.ndarray, shares: np.ndarray, k: int) -> np.ndarray:
     """``wanted`` capped by ``available``; freed slots go to groups with spare candidates in
     proportion to their shares (largest remainder), repeatedly, until k is filled or the pool is."""
@@ -69,8 +95,9 @@ def feasible_quota(wanted: np.ndarray, available: np.ndarray, shares: np.ndarray
     return quota
 
 
-def fair_rerank(groups: np.ndarray, shares: np.ndarray, k: int) -> FairRanking:
-    """Re-rank candidates (``groups[i]`` = group index of the i-th most relevant, 0..G-1) to ``shares``.
+def fair_rerank(groups: np.ndarray, shares: np.ndarray, k: int, wanted: np.ndarray | None = None) -> FairRanking:
+    """Re-rank candidates (``groups[i]`` = group index of the i-th most relevant, 0..G-1) to ``shares``
+    (``wanted``: exact counts per group summing to k, instead of apportioning the shares).
 
     Returns positions into the candidate list; see the module docstring for the guarantees."""
     groups = np.asarray(groups, dtype=np.int64)
@@ -83,7 +110,9 @@ def fair_rerank(groups: np.ndarray, shares: np.ndarray, k: int) -> FairRanking:
     shares = shares / shares.sum()
     k = max(0, min(int(k), len(groups)))
     available = np.bincount(groups, minlength=n_groups).astype(np.int64)
-    wanted = apportion(shares, k)
+    if wanted is None or int(np.sum(wanted)) != k:
+        wanted = apportion(shares, k)
+    wanted = np.asarray(wanted, dtype=np.int64)
     quota = feasible_quota(wanted, available, shares, k)
     queues = [np.flatnonzero(groups == g) for g in range(n_groups)]
     head = np.zeros(n_groups, np.int64)
