@@ -30,6 +30,13 @@ class AttributeGroups:
     member: np.ndarray  # (N, G) float32: 0/1 true labels, or probabilities; a zero row = unknown
     estimated: np.ndarray  # (N,) bool: the row is a probe estimate, not a label
 
+    def shares(self, ids: np.ndarray | None = None) -> np.ndarray:
+        """(G,) group shares among ``ids`` (all images when None); an estimated image counts with
+        its probabilities (expected shares)."""
+        m = self.member if ids is None else self.member[np.asarray(ids, dtype=np.int64)]
+        tot = m.sum(axis=0, dtype=np.float64)
+        return tot / tot.sum() if tot.sum() > 0 else np.full(len(self.groups), np.nan)
+
     @property
     def source(self) -> str:
         """'labels', 'estimates' or 'labels+estimates' (over the images whose group is known)."""
@@ -53,10 +60,8 @@ class AttributeGroups:
         return out
 
     def base_rates(self) -> np.ndarray:
-        """(G,) share of each group over the corpus (probabilities counted as expected shares)."""
-        tot = self.member.sum(axis=0, dtype=np.float64)
-        s = tot.sum()
-        return tot / s if s > 0 else np.full(len(self.groups), np.nan)
+        """(G,) share of each group over the corpus (estimates count as expected shares)."""
+        return self.shares()
 
 
 class Demographics:

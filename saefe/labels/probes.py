@@ -8,7 +8,12 @@ estimates (:mod:`saefe.labels.estimates`). ``saefe labels --annotations`` fits t
 * Classifier: scikit-learn ``LogisticRegression`` (L2, lbfgs; multinomial for 3+ groups) on
   standardised embeddings (or max-abs-scaled SAE codes). The coefficients, intercepts and the
   scaler are exported so prediction needs only numpy, and equals sklearn's ``predict_proba``.
-* Held-out accuracy: a fixed-seed 80/20 split by image; the saved probe is then refit on all.
+* Held-out accuracy and soft confusion (mean predicted probability of each group over the held-out
+  images of each true group): a fixed-seed 80/20 split by image; the saved probe is then refit
+  on all. A set's estimated share is its mean probability, uncorrected: correcting with the
+  confusion ("adjusted classify and count") assumes the set differs from the training images
+  only in group shares, which a query's top-k does not (on the demo it overshot, 100% for a
+  90%-male top-50 where the plain mean said 81%).
 * Directions (for ``--debias project``), in embedding space: each group's mean minus the mean of
   the group means, computed within each stratum (images with the same set of non-demographic
   labels) and averaged with weight = the stratum's smallest group. Stratifying keeps a label's own look out of the direction: in
@@ -58,6 +63,7 @@ class AttributeProbe:
     offsets: np.ndarray  # (G, d_emb) stratified group-mean offsets in embedding space
     n_train: dict[str, int] = field(default_factory=dict)
     accuracy: float = float("nan")  # held-out
+    confusion: np.ndarray | None = None  # (G, G) held-out mean P(predicted j | true i)
     strata: int = 0  # labels the offsets were averaged over (0: unstratified)
 
     def decision(self, x) -> np.ndarray:
@@ -99,7 +105,7 @@ class ProbeSet:
     C: float = 1.0
     source: dict[str, Any] = field(default_factory=dict)
     dir: Path | None = None
-    sha256: str | None = None  # of probes.safetensors once saved/loaded
+    sha256: str | None = None  # fingerprint of probes.safetensors + per-attribute metadata once saved/loaded
 
     def predict(self, x) -> dict[str, np.ndarray]:
         """attribute -> (N, G) group probabilities."""
@@ -118,16 +124,17 @@ class ProbeSet:
         tmp = out / (PROBES_FILE + ".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, out / PROBES_FILE)
-        self.sha256 = _sha256(out / PROBES_FILE)
         meta = {
             "format_version": FORMAT_VERSION, "space": self.space, "C": self.C, "source": self.source,
             "encoder": self.encoder_info.to_dict() if self.encoder_info else None, "sae": self.sae,
             "classifier": "sklearn LogisticRegression (lbfgs, L2); coef/intercept exported, scaler kept apart",
-            "sha256": self.sha256,
             "attributes": {a: {"groups": p.groups, "n_train": p.n_train, "accuracy": _finite(p.accuracy),
+                               "confusion": None if p.confusion is None else np.asarray(p.confusion).tolist(),
                                "strata": p.strata, "classes": "binary" if p.coef.shape[0] == 1 else "multinomial"}
                            for a, p in self.probes.items()},
         }
+        self.sha256 = _fingerprint(out / PROBES_FILE, meta["attributes"])
+        meta["sha256"] = self.sha256
         write_json_atomic(out / PROBES_META, meta)
         self.dir = out
         return out
@@ -155,20 +162,26 @@ class ProbeSet:
                 raise SaefeError(f"the probes at {d} are damaged: no tensor {e.args[0]}") from None
             probes[a] = AttributeProbe(a, list(info["groups"]), n_train=dict(info.get("n_train", {})),
                                        accuracy=float(info.get("accuracy") or float("nan")),
+                                       confusion=None if info.get("confusion") is None else np.asarray(info["confusion"]),
                                        strata=int(info.get("strata", 0)), **arr)
         return cls(probes, meta.get("space", "embedding"), enc, meta.get("sae") or {}, float(meta.get("C", 1.0)),
-                   meta.get("source") or {}, d, _sha256(d / PROBES_FILE))
+                   meta.get("source") or {}, d, _fingerprint(d / PROBES_FILE, meta.get("attributes") or {}))
 
 
 def _finite(x: float):
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def _sha256(path: Path) -> str:
+def _fingerprint(path: Path, attributes: dict) -> str:
+    """sha256 of the tensors file and the per-attribute metadata (groups, confusion): estimates
+    made with other probes are recomputed."""
+    import json
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
+    h.update(json.dumps(attributes, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -264,13 +277,13 @@ def _fit_probes(x, emb, labels, *, space, C, seed, groups, encoder_info, sae, so
         mean = np.asarray(getattr(scaler, "mean_", np.zeros(xr.shape[1])), dtype=np.float64)
         scale = np.asarray(scaler.scale_, dtype=np.float64)
         scale[scale == 0] = 1.0
-        acc = _held_out_accuracy(scaler, xr, y, C, seed)
+        acc, conf = _held_out(scaler, xr, y, C, seed, len(names))
         clf = _logreg(C, seed).fit(scaler.transform(xr), y)
         offsets, used = group_offsets(np.asarray(emb, np.float32)[idx], m[idx], None if strata is None else strata[idx])
         probes[attr] = AttributeProbe(
             attr, names, clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32),
             mean.astype(np.float32), scale.astype(np.float32), offsets.astype(np.float32),
-            {g: int(c) for g, c in zip(names, counts)}, acc, used)
+            {g: int(c) for g, c in zip(names, counts)}, acc, conf, used)
         log.info("%s probe: %d images, held-out accuracy %.3f, directions over %d strata", attr, len(idx), acc, used)
     if not probes:
         raise SaefeError(f"no demographic probe could be fit: the labels need at least {MIN_PER_GROUP} images "
@@ -284,18 +297,22 @@ def _logreg(C: float, seed: int):
     return LogisticRegression(C=C, max_iter=2000, random_state=seed)
 
 
-def _held_out_accuracy(scaler, x, y: np.ndarray, C: float, seed: int) -> float:
+def _held_out(scaler, x, y: np.ndarray, C: float, seed: int, n_groups: int) -> tuple[float, np.ndarray | None]:
+    """(accuracy, soft confusion) on a stratified 20% held out from a fit on the rest."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import train_test_split
 
     try:
         tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=y)
     except ValueError:
-        return float("nan")
+        return float("nan"), None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf = _logreg(C, seed).fit(scaler.transform(x[tr]), y[tr])
-    return float((clf.predict(scaler.transform(x[te])) == y[te]).mean())
+    prob = clf.predict_proba(scaler.transform(x[te]))
+    conf = np.stack([prob[y[te] == g].mean(axis=0) for g in range(n_groups)])
+    return float((np.argmax(prob, axis=1) == y[te]).mean()), conf
+
 
 
 def fit_store_probes(store, labels, *, space: str = "embedding", sae=None, sae_dir=None, C: float = 1.0,

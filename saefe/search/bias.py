@@ -95,7 +95,8 @@ def measure_bias(ranked_ids: np.ndarray, attributes, groups: dict[str, list[str]
 
 def measure_demographics(ranked_ids: np.ndarray, demographics) -> BiasReport:
     """``measure_bias`` over a :class:`saefe.labels.demographics.Demographics` (labels and/or
-    estimates), recording for each attribute whether estimates were involved."""
+    estimates, counted with their probabilities), recording for each attribute whether estimates
+    were involved."""
     rep = measure_bias(ranked_ids, demographics.frame(), demographics.groups())
     for attr, ag in demographics.attributes.items():
         if attr in rep.shares:

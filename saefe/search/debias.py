@@ -198,9 +198,8 @@ def local_ids(engine, results, strict: bool = True) -> np.ndarray:
 
 
 def shares_of(ag, ids: np.ndarray) -> np.ndarray:
-    """(G,) group shares among ``ids`` (estimates count as expected shares)."""
-    tot = ag.member[np.asarray(ids, dtype=np.int64)].sum(axis=0, dtype=np.float64)
-    return tot / tot.sum() if tot.sum() > 0 else np.full(len(ag.groups), np.nan)
+    """(G,) group shares among ``ids`` (estimates corrected for the probe's errors)."""
+    return ag.shares(ids)
 
 
 def deviation(attrs, targets: dict[str, np.ndarray], ids: np.ndarray) -> float:
