@@ -272,7 +272,7 @@ def project(q: np.ndarray, u: np.ndarray, lam: float) -> np.ndarray:
     q = np.asarray(q, dtype=np.float64)
     v = q - lam * (u.T @ (u @ q))
     n = float(np.linalg.norm(v))
-    if n < 1e-9:
+    if n < 1e-5 * max(float(np.linalg.norm(q)), 1e-12):
         raise SteeringError("the query lies entirely along the protected attribute's directions; nothing is left to search")
     return (v / n).astype(np.float32)
 
