@@ -173,31 +173,51 @@ class SaefeApp:
         out = self.state.write(mix, custom)
         return [mix.to_dict(), *out, _ok(f"{msg} — {mix_summary(mix)}")]
 
-    def _search_mix(self, prev, values, mode, k):
+    def _search_mix(self, prev, values, mode, k, debias=(None, None, None)):
+        """``debias``: the Debias control's (method, protected attributes, target)."""
+        from saefe.serve.app import fairness
+
         mix = self.state.read(prev, values)
-        results, vec = self.run_mix(mix, mode, k)
-        return self._show(results, vec, f"{len(results)} results ({self._check_mode(mode)} mode) — {mix_summary(mix)}",
-                          mix.to_dict())
+        cfg = fairness.config(*debias)
+        if cfg is None:
+            results, vec = self.run_mix(mix, mode, k)
+            return self._show(results, vec, f"{len(results)} results ({self._check_mode(mode)} mode) — "
+                              f"{mix_summary(mix)}", mix.to_dict())
+        if mix.is_zero():
+            raise SteeringError("all sliders are zero: set an emotion, move a slider or enter an expression")
+        mode = self._check_mode(mode)
+        results, md, note = fairness.search(self, [Term("features", mix.to_dict())], mode, k, cfg)
+        return self._show(results, self.engine.direction(mix),
+                          f"{len(results)} results ({mode} mode){note} — {mix_summary(mix)}", mix.to_dict(), md)
 
-    def _search_text(self, text, k):
-        vec = self.engine.embed_text(text)
-        results = self.engine.search_vector(vec, k)
-        return self._show(results, vec, f"{len(results)} results for text {text.strip()!r}")
+    def _search_text(self, text, k, debias=(None, None, None)):
+        return self._search_term(Term("text", text), self.engine.embed_text(text), k, debias,
+                                 f"text {str(text).strip()!r}")
 
-    def _search_image(self, image, k):
+    def _search_image(self, image, k, debias=(None, None, None)):
         if not image:
             raise SaefeError("upload an image first")
-        vec = self.engine.embed_image(_read_bytes(image))
-        results = self.engine.search_vector(vec, k)
-        return self._show(results, vec, f"{len(results)} results for the uploaded image")
+        data = _read_bytes(image)
+        return self._search_term(Term("image", data), self.engine.embed_image(data), k, debias, "the uploaded image")
 
-    def _show(self, results, vec, msg, mix_dict=None):
+    def _search_term(self, term, vec, k, debias, what):
+        from saefe.serve.app import fairness
+
+        cfg = fairness.config(*debias)
+        if cfg is None:
+            results = self.engine.search_vector(vec, k)
+            return self._show(results, vec, f"{len(results)} results for {what}")
+        results, md, note = fairness.search(self, [term], "direction", k, cfg)
+        return self._show(results, vec, f"{len(results)} results for {what}{note}", None, md)
+
+    def _show(self, results, vec, msg, mix_dict=None, bias=None):
         rows = self.results_json(results)
         gallery = [(_image_ref(self.engine, r), caption(j)) for r, j in zip(results, rows) if _image_ref(self.engine, r)]
-        try:
-            bias = bias_markdown(bias_json(self.engine, results))
-        except SaefeError as e:
-            bias = f"_bias: {e}_"
+        if bias is None:
+            try:
+                bias = bias_markdown(bias_json(self.engine, results))
+            except SaefeError as e:
+                bias = f"_bias: {e}_"
         return [gallery, rows, np.asarray(vec, np.float32).tolist(), bias, _ok(msg),
                 gr.skip() if mix_dict is None else mix_dict]
 

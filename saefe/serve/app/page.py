@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from saefe.errors import SaefeError
+from saefe.serve.app import fairness
 from saefe.serve.app.guard import api_safe, ui_safe
 from saefe.serve.app.state import SLIDER_STEP
 
@@ -33,11 +34,13 @@ def build_page(app: "SaefeApp") -> gr.Blocks:
             with gr.Column(scale=2, min_width=420):
                 _mix_column(app, c)
             with gr.Column(scale=3, min_width=520):
-                _results_column(c)
+                _results_column(app, c)
         _wire_mix(app, c)
         _wire_search(app, c)
         _wire_results(app, c)
+        fairness.wire_audit(app, c)
         _register_api(app)
+        fairness.register_api(app)
     return page
 
 
@@ -93,7 +96,7 @@ def _mix_column(app: "SaefeApp", c: SimpleNamespace) -> None:
     c.slider_io = [*c.sliders, *c.cids, *c.cws]
 
 
-def _results_column(c: SimpleNamespace) -> None:
+def _results_column(app: "SaefeApp", c: SimpleNamespace) -> None:
     with gr.Row(equal_height=True):
         c.mode = gr.Radio(["direction", "features"], value="direction", label="Search mode",
                           info="direction: cosine to the mix's decoder direction; features: exact Σ w·a",
@@ -111,6 +114,7 @@ def _results_column(c: SimpleNamespace) -> None:
     c.gallery = gr.Gallery(label="Results", columns=5, height=520, object_fit="contain", allow_preview=False,
                            elem_id="gallery")
     c.bias_md = gr.Markdown("_bias: run a search_", elem_id="bias")
+    fairness.build_debias_controls(app, c)
     with gr.Accordion("5 · Selected result", open=True):
         c.sel_md = gr.Markdown("_click a result_")
         with gr.Row():
@@ -131,6 +135,7 @@ def _results_column(c: SimpleNamespace) -> None:
         with gr.Row():
             c.insp_top = gr.Gallery(label="Top images", columns=4, height=200, allow_preview=False)
             c.insp_bot = gr.Gallery(label="Bottom images", columns=4, height=200, allow_preview=False)
+    fairness.build_audit_panel(app, c)
 
 
 def _wire_mix(app: "SaefeApp", c: SimpleNamespace) -> None:
@@ -161,12 +166,14 @@ def _wire_mix(app: "SaefeApp", c: SimpleNamespace) -> None:
 
 def _wire_search(app: "SaefeApp", c: SimpleNamespace) -> None:
     out = [c.gallery, c.rows_state, c.vec_state, c.bias_md, c.status, c.mix_state]
-    c.run_btn.click(ui_safe(lambda prev, md, kk, *v: app._search_mix(prev, list(v), md, kk), len(out), 4),
-                    [c.mix_state, c.mode, c.k, *c.slider_io], out, api_visibility="private")
-    text = ui_safe(app._search_text, len(out), 4)
-    c.text_btn.click(text, [c.text_q, c.k], out, api_visibility="private")
-    c.text_q.submit(text, [c.text_q, c.k], out, api_visibility="private")
-    c.img_btn.click(ui_safe(app._search_image, len(out), 4), [c.img_q, c.k], out, api_visibility="private")
+    db = c.debias_in  # method, protected attributes, target: every search runs debiased while one is chosen
+    c.run_btn.click(ui_safe(lambda prev, md, kk, m, p, t, *v: app._search_mix(prev, list(v), md, kk, (m, p, t)),
+                            len(out), 4), [c.mix_state, c.mode, c.k, *db, *c.slider_io], out, api_visibility="private")
+    text = ui_safe(lambda q, kk, m, p, t: app._search_text(q, kk, (m, p, t)), len(out), 4)
+    c.text_btn.click(text, [c.text_q, c.k, *db], out, api_visibility="private")
+    c.text_q.submit(text, [c.text_q, c.k, *db], out, api_visibility="private")
+    c.img_btn.click(ui_safe(lambda im, kk, m, p, t: app._search_image(im, kk, (m, p, t)), len(out), 4),
+                    [c.img_q, c.k, *db], out, api_visibility="private")
 
 
 def _wire_results(app: "SaefeApp", c: SimpleNamespace) -> None:
