@@ -290,7 +290,7 @@ def test_search_cli_json(synth, capsys):
             assert row["path"].startswith("img_")
     rc = main(["search", "--index", str(synth[0]), "--expr", "Esteem - Male", "--k", "5", "--json", "--bias"])
     payload = json.loads(capsys.readouterr().out)
-    assert rc == 0 and len(payload["results"]) == 5 and "max_skew" in payload["bias"]
+    assert rc == 0 and len(payload["results"]) == 5 and "max_skew" in payload["bias"]["gender"]
 
 
 @pytest.mark.parametrize("argv,msg", [
