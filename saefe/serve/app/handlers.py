@@ -57,6 +57,10 @@ class SaefeApp:
                     _ = self.engine.ranker
                 except SaefeError as e:
                     log.warning("feature-space mode unavailable: %s", e)
+            try:  # per-image groups for the bias panel (estimated now when the index has no labels)
+                _ = self.engine.demographics
+            except SaefeError as e:
+                log.warning("no demographic groups: %s", e)
 
     def _check_mode(self, mode: str) -> str:
         mode = (mode or "direction").strip().lower()
