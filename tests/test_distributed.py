@@ -98,7 +98,8 @@ def test_lost_cluster_keeps_finished_shards(tmp_path):
     staged prefix committed in order; a half-received shard is not; the error says how to resume."""
     writer = ChunkWriter(tmp_path, {"k": 1})
     stage = ShardStage(tmp_path, {"k": 1})
-    rows = [{"shard": s, "lo": 2 * s, "hi": 2 * s + 2} for s in range(4)]
+    rows = [{"shard": 0, "lo": 0, "hi": 1}, {"shard": 0, "lo": 1, "hi": 2}]  # shard 0 as two tasks
+    rows += [{"shard": s, "lo": 2 * s, "hi": 2 * s + 2} for s in range(1, 4)]
     asm = ShardAssembler(writer, stage, [0, 1, 2, 3], rows, set(), dim=4)
 
     def batch(items):
@@ -115,7 +116,7 @@ def test_lost_cluster_keeps_finished_shards(tmp_path):
     assert "stopped at shard 2 (ConnectionError: Ray client lost the connection)" in str(err)
     assert "2 of 4 shards" in str(err) and "\n" not in str(err)
     # the next run: shard 2 again, then 3; item 5 (hash "0") duplicates item 0
-    asm = ShardAssembler(writer, stage, [2, 3], rows[2:], {"0", "1", "2", "3"}, dim=4)
+    asm = ShardAssembler(writer, stage, [2, 3], rows[3:], {"0", "1", "2", "3"}, dim=4)
     asm.add(batch([7, 4, 5, 6]))
     assert sorted(writer.committed()) == [0, 1, 2, 3]
     assert writer.committed()[2].count == 1 and writer.committed()[2].skipped == [{"item": "5.png", "reason": "duplicate"}]

@@ -30,6 +30,7 @@ class RayConfig:
     num_gpus: int | None = None  # local only (default: what Ray detects)
     object_store_memory: int | None = None  # local only, bytes (default: Ray's, 30% of RAM)
     embed_batch_size: int = 0  # rows per model call; 0 = 256 on GPUs, 64 on CPUs
+    task_size: int = 128  # items per decode task (a chunk is cut into tasks; it commits whole)
     decode_actors: int = 0  # 0 = every CPU not taken by a CPU model actor
     fused: bool | None = None  # CPU-only clusters: decode and embed in one actor (default yes)
     fault: dict | None = None  # tests: see mapper.DecodePreprocess

@@ -1,7 +1,7 @@
 """Corpus -> shards of item references: the rows the Ray pipeline starts from.
 
 A shard is one chunk of the build (``chunk_size`` consecutive items of the corpus' fixed order),
-the unit that is committed and resumed. A row carries what a worker needs to read its items
+the unit that is committed and resumed; it travels as one or more tasks (rows) of items. A row carries what a worker needs to read its items
 without the whole corpus: a folder shard lists its relative paths (a worker must not rescan a
 folder of millions of files); a dataset shard is a row range of a dataset each worker opens once.
 """
@@ -31,14 +31,19 @@ class CorpusSpec:
         return cls(corpus.kind, corpus.source, split, col, builder)
 
 
-def shard_rows(corpus: ImageCorpus, chunk_size: int, todo: list[int]) -> list[dict[str, Any]]:
-    """One row per shard still to do: ``shard``, ``lo``, ``hi`` and (folders) the item paths."""
+def shard_rows(corpus: ImageCorpus, chunk_size: int, todo: list[int], task_size: int | None = None) -> list[dict[str, Any]]:
+    """Rows for the shards (chunks) still to do, each cut into tasks of at most ``task_size``
+    items so that a few large chunks still spread over every worker: ``shard`` (the chunk id),
+    ``lo``, ``hi`` (this task's item range) and, for folders, the item paths."""
     n = len(corpus)
+    step = max(1, task_size or chunk_size)
     rows = []
     for cid in todo:
         lo, hi = cid * chunk_size, min(n, (cid + 1) * chunk_size)
-        refs = list(corpus.paths[lo:hi]) if isinstance(corpus, FolderCorpus) else []
-        rows.append({"shard": int(cid), "lo": int(lo), "hi": int(hi), "refs": refs})
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            refs = list(corpus.paths[a:b]) if isinstance(corpus, FolderCorpus) else []
+            rows.append({"shard": int(cid), "lo": int(a), "hi": int(b), "refs": refs})
     return rows
 
 

@@ -49,7 +49,7 @@ class RayEmbedder:
         else:
             fused = rc.fused is not False
             n_embed = max(1, min(n_shards, cluster.cpus if fused else cluster.cpus // 2))
-            embed = dict(compute=ActorPoolStrategy(size=n_embed), num_cpus=1)
+            embed = dict(compute=ActorPoolStrategy(size=n_embed, max_tasks_in_flight_per_actor=1 if fused else None), num_cpus=1)
             cpus_left = max(1, cluster.cpus - n_embed)
             batch, dtype, device = rc.embed_batch_size or 64, "float32", "cpu"
         n_decode = max(1, min(rc.decode_actors or cpus_left, n_shards))
@@ -79,7 +79,7 @@ class RayEmbedder:
 
         stage = ShardStage(writer.dir, read_json(writer.chunks / "build.json"))
         staged = stage.done()
-        rows = shard_rows(corpus, cfg.chunk_size, [c for c in todo if c not in staged])
+        rows = shard_rows(corpus, cfg.chunk_size, [c for c in todo if c not in staged], self.rc.task_size)
         n = len(corpus)
         done_items = sum(min(cfg.chunk_size, n - c * cfg.chunk_size) for c in committed)
         spec = CorpusSpec.of(corpus, cfg.split, cfg.dataset_builder)

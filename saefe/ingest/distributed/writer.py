@@ -95,7 +95,11 @@ class ShardAssembler:
                  seen: set[str], dim: int, progress=None):
         self.writer, self.stage, self.seen, self.dim, self.progress = writer, stage, seen, dim, progress
         self.order = sorted(todo)  # every shard not yet committed: in Ray now, or staged earlier
-        self.pending = {int(r["shard"]): _Pending(int(r["lo"]), int(r["hi"])) for r in rows}
+        self.pending: dict[int, _Pending] = {}
+        for r in rows:  # a shard's tasks together cover its item range
+            cid, lo, hi = int(r["shard"]), int(r["lo"]), int(r["hi"])
+            p = self.pending.setdefault(cid, _Pending(lo, hi))
+            p.lo, p.hi = min(p.lo, lo), max(p.hi, hi)
         self.ran = set(self.pending)
         self.failed: dict[int, str] = {}
         self.next = 0

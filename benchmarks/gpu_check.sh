@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue 14's GPU figures in one run (about 6 minutes on an H100; every part has its own time limit
+# and prints its table even when another part fails). Logs, JSON and tables land in $OUT.
+#
+#   (a) SO400M@384 (random weights from its config, fp16, batch 256) on 5000 synthetic JPEGs:
+#       the vision tower alone vs `saefe build` end to end (today's loader: decode + processor in
+#       a loader thread overlapping the model), and vs the Ray build's stage layout (decode actors
+#       on the CPUs -> one model actor; under torch's DataLoader where Ray is not installed).
+#   (b) faiss-gpu IVF-PQ build + search at 10M x 1152 when faiss sees a GPU; otherwise the exact
+#       torch search baseline at 10M (benchmarks/bench_gpu.py --parts search).
+#
+# The e2e build needs faiss (any build) for its index: carry faiss-cpu as a wheel (18.8 MB):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d .whl faiss-cpu==1.15.1
+# and run it with carry [".whl"]:  bash benchmarks/gpu_check.sh
+set -u
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+WORK=${WORK:-/tmp/gpu_check}
+mkdir -p "$WORK"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export SAEFE_HOME="$WORK/home" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python3}
+SUMMARY="$OUT/summary.md"
+: > "$SUMMARY"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  nproc; free -g | head -2
+  $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" 2>&1
+  $PY -c "import faiss; print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus())" 2>&1
+  $PY -c "import ray; print('ray', ray.__version__)" 2>&1
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+# part NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, keep its table
+part() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local msg="rc $rc in $((SECONDS - t0)) s"
+  [ $rc -eq 124 ] && msg="$msg (stopped at its ${limit} s limit)"
+  echo "== $name: $msg" | tee -a "$SUMMARY"
+  grep '^|' "$OUT/$name.log" | tee -a "$SUMMARY"
+  echo >> "$SUMMARY"
+}
+
+# (a1) vision tower alone + today's single-process build end to end
+part a_model_and_build 270 $PY benchmarks/bench_gpu.py --parts model,e2e --images 5000 --batch 256 \
+  --out "$WORK" --json "$OUT/a_model_and_build.json"
+# (a2) the Ray build's stage layout on the same checkpoint and JPEGs (15 decode workers -> GPU)
+if [ -d "$WORK/so400m-27l" ] && [ -d "$WORK/jpegs" ]; then
+  part a_ray_layout 120 $PY benchmarks/bench_gpu_mapper.py --images "$WORK/jpegs" --model "$WORK/so400m-27l" \
+    --batch 256 --shard 128 --json "$OUT/a_ray_layout.json"
+else
+  echo "== a_ray_layout: skipped (no checkpoint/JPEGs from a1)" | tee -a "$SUMMARY"
+fi
+# (b) faiss-gpu at 10M, or the exact torch baseline
+if $PY -c "import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)" 2>/dev/null; then
+  part b_faiss_gpu 200 $PY benchmarks/bench_faiss_gpu.py --n 10000000 --json "$OUT/b_faiss_gpu.json"
+else
+  echo "faiss with GPUs is not importable here: exact torch search at 10M instead" | tee -a "$SUMMARY"
+  part b_exact_search 120 $PY benchmarks/bench_gpu.py --parts search --search-n 10000000 --out "$WORK" \
+    --json "$OUT/b_exact_search.json"
+fi
+echo; echo "==== summary ($SUMMARY)"; cat "$SUMMARY"
