@@ -104,7 +104,7 @@ def train_empty(vectors: np.ndarray, p: OnDiskParams, seed: int = 0):
     opq = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
     # faiss' OPQ defaults (50 rounds, 40 PQ iterations first, 65k points) take ~10 min on 2
     # cores; candidates are re-ranked exactly, so a lighter rotation is enough
-    opq.niter, opq.niter_pq_0, opq.max_train_points = 10, 10, 16384
+    opq.niter, opq.niter_pq_0, opq.max_train_points = 10, 10, min(16384, p.train_size)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, p.train_size, replace=False))
     x = np.empty((len(sample), d), np.float32)
@@ -228,7 +228,9 @@ class OnDiskIndex(VectorIndex):
         params = read_json(d / PARAMS_FILE)
         if not (d / params.get("ivfdata", "")).is_file():
             raise SaefeError(f"the on-disk index in {d} misses its lists file {params.get('ivfdata')}; rebuild it")
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+        # OnDiskInvertedLists memory-map the .ivfdata themselves (read-only here); the small
+        # index.faiss is read normally: IO_FLAG_MMAP on top of on-disk lists crashes faiss 1.15
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
         index = faiss.read_index(str(d / INDEX_FILE), flags)
         vectors = np.load(d / params.get("vectors", "vectors.npy"), mmap_mode="r", allow_pickle=False)
         if vectors.shape[0] != index.ntotal:
@@ -241,8 +243,12 @@ class OnDiskIndex(VectorIndex):
         return vi
 
     def set_search(self, nprobe: int, rerank: int) -> None:
-        ivf = _faiss().extract_index_ivf(self.index)
+        faiss = _faiss()
+        ivf = faiss.extract_index_ivf(self.index)
         ivf.nprobe = int(min(nprobe, ivf.nlist))
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if hasattr(quantizer, "hnsw"):  # an HNSW quantizer finds only ~efSearch good lists
+            quantizer.hnsw.efSearch = max(64, 2 * ivf.nprobe)
         self.params["nprobe"] = int(ivf.nprobe)
         self.params["rerank"] = int(rerank)
 
