@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 KIND = "ivfpq-ondisk"
 SHARDS_DIR = "index_shards"
+OPQ_MIN_TRAIN = 8192
 
 
 @dataclass
@@ -49,31 +50,37 @@ class OnDiskParams:
     nprobe: int = 0  # 0 = tuned at build time to reach the target recall
     rerank: int = 0  # candidates re-scored exactly; 0 = tuned with nprobe (from 4*k)
 
+    nbits: int = 8  # bits per PQ code (fewer only for tiny corpora: PQ needs 2^nbits points)
+
     def resolve(self, n: int, d: int) -> "OnDiskParams":
         nlist = self.nlist or int(2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))
         nlist = max(1, min(nlist, n // 39 or 1, 1 << 18))
-        opq = self.opq_dim if 0 < self.opq_dim < d else d
+        train = min(self.train_size or min(max(32 * nlist, 50_000), 300_000), n)
+        # OPQ trains a PQ of 256 centroids per sub-space: below a few thousand vectors it cannot
+        opq = (self.opq_dim if 0 < self.opq_dim < d else d) if train >= OPQ_MIN_TRAIN else 0
         m = self.pq_m
-        while opq % m:  # PQ needs m | dim
+        while (opq or d) % m:  # PQ needs m | dim
             m -= 1
-        train = self.train_size or min(max(32 * nlist, 50_000), 300_000)
-        return OnDiskParams(nlist, m, opq, min(train, n), self.shard_size, self.nprobe, self.rerank)
+        nbits = max(1, min(self.nbits, int(math.log2(max(2, train))) - 1))
+        return OnDiskParams(nlist, m, opq, train, self.shard_size, self.nprobe, self.rerank, nbits)
 
     def factory(self, d: int) -> str:
-        opq = f"OPQ{self.pq_m}_{self.opq_dim}" if self.opq_dim < d else f"OPQ{self.pq_m}"
+        pre = "" if not self.opq_dim else (f"OPQ{self.pq_m}_{self.opq_dim}," if self.opq_dim < d else f"OPQ{self.pq_m},")
         # past a few thousand lists, assigning N vectors to flat centroids dominates the fill:
         # an HNSW over the centroids (as autofaiss does) makes it ~20x cheaper
         quantizer = "_HNSW32" if self.nlist >= 4096 else ""
-        return f"{opq},IVF{self.nlist}{quantizer},PQ{self.pq_m}"
+        pq = f"PQ{self.pq_m}" + (f"x{self.nbits}" if self.nbits != 8 else "")
+        return f"{pre}IVF{self.nlist}{quantizer},{pq}"
 
 
 def estimate_memory(n: int, d: int, params: dict[str, Any] | None = None) -> int:
     """Resident bytes of a loaded index (the lists stay on disk, paged in by the OS on demand):
     coarse centroids, OPQ matrix, PQ codebooks, per-list offsets, plus the search buffers."""
     p = OnDiskParams(**{k: v for k, v in (params or {}).items() if k in OnDiskParams.__dataclass_fields__}).resolve(max(n, 1), d)
-    centroids = p.nlist * p.opq_dim * 4
+    dim = p.opq_dim or d
+    centroids = p.nlist * dim * 4 + (p.nlist * 32 * 8 if p.nlist >= 4096 else 0)  # + HNSW links
     opq = d * p.opq_dim * 4
-    codebooks = p.pq_m * 256 * (p.opq_dim // p.pq_m) * 4
+    codebooks = p.pq_m * (1 << p.nbits) * (dim // p.pq_m) * 4
     lists = p.nlist * 32  # OnDiskInvertedLists' per-list (offset, size, capacity) + vector headers
     return int(centroids + opq + codebooks + lists + (32 << 20))
 
@@ -81,7 +88,7 @@ def estimate_memory(n: int, d: int, params: dict[str, Any] | None = None) -> int
 def estimate_disk(n: int, d: int, params: dict[str, Any] | None = None) -> int:
     """Bytes of the ``.ivfdata`` file (PQ codes + int64 ids), beside the store's fp16 vectors."""
     p = OnDiskParams(**{k: v for k, v in (params or {}).items() if k in OnDiskParams.__dataclass_fields__}).resolve(max(n, 1), d)
-    return int(n * (p.pq_m + 8))
+    return int(n * (math.ceil(p.pq_m * p.nbits / 8) + 8))
 
 
 def _faiss():
@@ -101,10 +108,11 @@ def train_empty(vectors: np.ndarray, p: OnDiskParams, seed: int = 0):
     index = faiss.index_factory(d, p.factory(d), faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.niter = 10  # as in index.py: enough for search, 2.5x cheaper than faiss' 25
-    opq = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
-    # faiss' OPQ defaults (50 rounds, 40 PQ iterations first, 65k points) take ~10 min on 2
-    # cores; candidates are re-ranked exactly, so a lighter rotation is enough
-    opq.niter, opq.niter_pq_0, opq.max_train_points = 10, 10, min(16384, p.train_size)
+    if p.opq_dim:
+        opq = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
+        # faiss' OPQ defaults (50 rounds, 40 PQ iterations first, 65k points) take ~10 min on 2
+        # cores; candidates are re-ranked exactly, so a lighter rotation is enough
+        opq.niter, opq.niter_pq_0, opq.max_train_points = 10, 10, min(16384, p.train_size)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, p.train_size, replace=False))
     x = np.empty((len(sample), d), np.float32)
@@ -198,7 +206,7 @@ def build_ondisk(
     if old.get("ivfdata") and old["ivfdata"] != ivfdata:
         (d_out / old["ivfdata"]).unlink(missing_ok=True)
     info = {
-        "kind": KIND, "dim": d, "factory": p.factory(d), "nlist": p.nlist, "pq_m": p.pq_m, "opq_dim": p.opq_dim,
+        "kind": KIND, "dim": d, "factory": p.factory(d), "nlist": p.nlist, "pq_m": p.pq_m, "opq_dim": p.opq_dim, "nbits": p.nbits,
         "ivfdata": ivfdata, "vectors": vectors_file, "train_size": p.train_size,
         "build_seconds": {"train": round(t_train, 1), "fill": round(t_fill, 1), "merge": round(time.time() - t0 - t_train - t_fill, 1)},
     }
