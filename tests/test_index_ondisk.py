@@ -100,3 +100,18 @@ def test_tiny_corpora_drop_opq_and_shrink_codes():
     assert p.opq_dim == 0 and p.nbits < 8 and p.factory(128).startswith("IVF")
     big = OnDiskParams().resolve(5_000_000, 1152)
     assert big.factory(1152) == "OPQ64_256,IVF8192_HNSW32,PQ64"
+
+
+def test_cli_build_with_ondisk_index(tmp_path, capsys):
+    from saefe.cli.main import main as cli
+    from test_build import make_folder
+
+    root = make_folder(tmp_path / "corpus")
+    out = tmp_path / "index"
+    assert cli(["build", "--images", str(root), "--out", str(out), "--index-type", "ivfpq-ondisk", "--no-progress"]) == 0
+    assert "index type ivfpq-ondisk" in capsys.readouterr().out
+    vi = VectorIndex.load(out)
+    vectors = np.load(out / "vectors.npy").astype(np.float32)
+    _, ids = vi.search(vectors[:3], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2]  # each stored image finds itself
+    assert json.loads((out / "manifest.json").read_text())["index_type"] == "ivfpq-ondisk"
