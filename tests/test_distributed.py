@@ -148,3 +148,15 @@ def test_cli_refuses_ray_without_a_source(capsys):
 
     assert cli(["build", "--ray", "local"]) != 0
     assert "--ray builds from --images or --dataset" in capsys.readouterr().err
+
+
+def test_ondisk_index_shards_filled_by_ray_tasks(cluster, corpus, plain, tmp_path):
+    from saefe.ingest.index import IndexConfig, VectorIndex
+
+    cfg = _cfg(corpus, tmp_path / "ray")
+    cfg.index = IndexConfig(kind="ivfpq-ondisk", use_gpu=False, ondisk={"shard_size": 8, "nprobe": 1, "rerank": 50})
+    s = build_with_ray(cfg, RayConfig("local"))
+    assert s.index_type == "ivfpq-ondisk"
+    vi = VectorIndex.load(tmp_path / "ray")
+    vectors = np.load(tmp_path / "ray" / "vectors.npy").astype(np.float32)
+    assert vi.search(vectors[:4], 1)[1][:, 0].tolist() == [0, 1, 2, 3]

@@ -194,7 +194,7 @@ def build_index(cfg: BuildConfig, embedder: ChunkEmbedder | None = None) -> Buil
     total, skips = writer.finalise(info, {})
     if total == 0:
         raise CorpusError(f"no usable images in {corpus.source}: all {n} were skipped ({_reasons(skips)})")
-    vi = build_saved_index(out, cfg.index, progress=cfg.progress)
+    vi = build_saved_index(out, cfg.index, progress=cfg.progress, map_shards=getattr(embedder, "map_shards", None))
     reasons = Counter(s["reason"] for s in skips)
     dups = reasons.pop("duplicate", 0)
     manifest = {

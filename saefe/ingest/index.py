@@ -202,16 +202,17 @@ class VectorIndex:
 
 
 def build_saved_index(dir: str | os.PathLike, cfg: IndexConfig, progress: bool = False,
-                      vectors_file: str = "vectors.npy") -> VectorIndex:
+                      vectors_file: str = "vectors.npy", map_shards=None) -> VectorIndex:
     """Build the index over the store's ``vectors.npy`` and save it beside it: in RAM then saved
-    for the in-memory kinds, shard by shard into the dir for the on-disk ones."""
+    for the in-memory kinds, shard by shard into the dir for the on-disk ones (``map_shards``:
+    who fills the shards, e.g. Ray tasks; default this process)."""
     d = Path(dir)
     vectors = np.load(d / vectors_file, mmap_mode="r", allow_pickle=False)
     kind = resolve_kind(cfg, len(vectors))
     if kind in ONDISK_KINDS:
         from saefe.ingest.index_ondisk import OnDiskParams, build_ondisk
 
-        return build_ondisk(d, cfg, OnDiskParams(**cfg.ondisk), vectors_file, progress=progress)
+        return build_ondisk(d, cfg, OnDiskParams(**cfg.ondisk), vectors_file, progress=progress, map_shards=map_shards)
     vi = VectorIndex.build(vectors, cfg, progress=progress)
     vi.save(d)
     for stale in d.glob("index-*.ivfdata"):  # a previous on-disk index's lists

@@ -120,6 +120,18 @@ class RayEmbedder:
         return asm.embedded
 
 
+    def map_shards(self, fn, jobs: list[tuple]) -> None:
+        """Fill the on-disk index's shards (index_ondisk.fill_shard) as Ray tasks."""
+        import ray
+
+        with session(self.rc):
+            task = ray.remote(fn).options(num_cpus=1, max_retries=3)
+            try:
+                ray.get([task.remote(*j) for j in jobs])
+            except Exception as e:
+                raise failure(e, 0, len(jobs), None) from None
+
+
 def build_with_ray(cfg: BuildConfig, rc: RayConfig) -> BuildSummary:
     """Run (or resume, or confirm) a build whose embedding runs on Ray; see the module docstring."""
     return build_index(cfg, embedder=RayEmbedder(rc))
