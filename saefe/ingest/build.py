@@ -29,6 +29,7 @@ from saefe.ingest.index import KINDS, IndexConfig, VectorIndex
 from saefe.manifest import FORMAT_VERSION, EncoderInfo
 from saefe.ingest.store import ChunkWriter, EmbeddingStore, read_manifest, write_manifest, write_store
 from saefe.ingest.models import canonical_model_id
+from saefe.ingest.cost import CostEstimate, format_rate
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,17 @@ class BuildSummary:
     index_type: str
     already_built: bool = False
     extras: dict[str, str] = field(default_factory=dict)
+    # Wall time of the embedding loop alone (decode + model), without model load and index build:
+    # what the images/s figure is computed from.
+    embed_seconds: float = 0.0
 
     def lines(self) -> list[str]:
-        rate = self.embedded_now / self.seconds if self.seconds > 0 else 0.0
+        done = f"embedded this run: {self.embedded_now} in {self.seconds:.1f}s"
+        if self.embedded_now and self.embed_seconds > 0:
+            done += f" ({format_rate(self.embedded_now / self.embed_seconds)} img/s while embedding)"
         out = [
             f"index: {self.out}  ({self.count} images, index type {self.index_type})",
-            f"embedded this run: {self.embedded_now} in {self.seconds:.1f}s ({rate:.0f} img/s)"
-            + ("  [already complete]" if self.already_built else ""),
+            done + ("  [already complete]" if self.already_built else ""),
             f"duplicates stored once: {self.duplicates}",
             "skipped: " + (", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items())) or "none"),
         ]
@@ -154,13 +159,16 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         if committed[cid].count:
             seen.update(writer.metadata(cid)["sha256"].tolist())
     embedded = 0
+    embed_s = 0.0
     encoder = None
     if todo:
         from saefe.ingest.encoder import load_encoder
 
         encoder = load_encoder(cfg.model, cfg.clip_server, cfg.device)
         _check_encoder_stable(out, encoder.info)
+        t_embed = time.time()
         embedded = _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder)
+        embed_s = time.time() - t_embed
     info = encoder.info if encoder else EncoderInfo.from_dict(_read_encoder(out))
     total, skips = writer.finalise(info, {})
     if total == 0:
@@ -192,7 +200,7 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         pass
     write_manifest(out, manifest)
     writer.remove()
-    return _summary_of(out, manifest, embedded, time.time() - t0)
+    return _summary_of(out, manifest, embedded, time.time() - t0, embed_seconds=embed_s)
 
 
 def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
@@ -202,6 +210,7 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
     done_items = sum(min(cfg.chunk_size, n - c * cfg.chunk_size) for c in committed)
     bar = tqdm(total=n, initial=done_items, unit="img", desc="embedding", disable=not cfg.progress, smoothing=0.1)
     embedded = 0
+    cost = CostEstimate(images=n - done_items, device=getattr(encoder, "device", None), remote=bool(cfg.clip_server))
 
     # A local SigLIP's processor runs in the loader thread too, so on a GPU the (PIL-bound,
     # single-threaded) pre-processing of chunk i+1 overlaps the model's work on chunk i.
@@ -239,9 +248,11 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
             elif px is not None:
                 import torch
 
-                vecs = encoder.embed_pixels(px[torch.tensor(keep)])
+                vecs = encoder.embed_pixels(px[torch.tensor(keep)], on_batch=cost.observe)
             else:
+                t_chunk = time.perf_counter()
                 vecs = encoder.embed_images(images)
+                cost.observe(len(images), time.perf_counter() - t_chunk)
             if vecs.shape[1] != encoder.info.embedding_dim:
                 raise IncompatibleError(f"encoder returned dimension {vecs.shape[1]}, expected {encoder.info.embedding_dim}")
             writer.commit(cid, vecs, pd.DataFrame(metas), skipped)
@@ -272,7 +283,8 @@ def _reasons(skips: list[dict[str, str]]) -> str:
     return ", ".join(f"{r}: {c}" for r, c in Counter(s["reason"] for s in skips).most_common()) or "none"
 
 
-def _summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: bool = False) -> BuildSummary:
+def _summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: bool = False,
+                embed_seconds: float = 0.0) -> BuildSummary:
     return BuildSummary(
         out=str(out),
         count=int(manifest["count"]),
@@ -282,6 +294,7 @@ def _summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: 
         embedded_now=embedded,
         index_type=str(manifest.get("index_type")),
         already_built=already,
+        embed_seconds=embed_seconds,
     )
 
 
