@@ -102,7 +102,7 @@ def test_load_failures_are_one_line_errors(standins, tmp_path, offline_hub):
     with pytest.raises(ModelLoadError) as e:
         SiglipEncoder.from_pretrained("google/siglip-base-patch16-224", device="cpu")
     cases["not cached"] = str(e.value)
-    assert "not found in the Hugging Face cache" in cases["not cached"] and "models--google--siglip-base" in cases["not cached"]
+    assert "not in the Hugging Face cache" in cases["not cached"] and "models--google--siglip-base" in cases["not cached"]
 
     no_tok = tmp_path / "no_tokenizer"
     no_tok.mkdir()

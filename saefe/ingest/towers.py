@@ -112,8 +112,9 @@ def load_config(path: str, name: str, local_only: bool):
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local_only)
     except OSError:
-        where = path if p.exists() else f"the Hugging Face cache ({_cache_dir_for(path)})"
-        raise ModelLoadError(f"cannot load model {name!r} offline: not found in {where}; {HOW_TO_GET_WEIGHTS}") from None
+        where = (f"cannot read {path}" if p.exists() else
+                 f"no such directory here and not in the Hugging Face cache ({_cache_dir_for(path)})")
+        raise ModelLoadError(f"cannot load model {name!r} offline: {where}; {HOW_TO_GET_WEIGHTS}") from None
     except (ValueError, KeyError) as e:  # unknown model_type: a newer transformers wrote it
         raise ModelLoadError(f"cannot read the config of model {name!r} ({_first_line(e)}); "
                              "try `pip install -U transformers`") from None
