@@ -107,7 +107,7 @@ def worker(mode: str, ckpt: str, device: str, batch: int, batches: int, workdir:
             t = time.perf_counter()
             enc.embed_texts(["a photo of a happy child"])
             out["text_load_s"] = time.perf_counter() - t
-            modules.append(enc._text)
+            modules.append(enc.text_model)
     out["params_m"] = sum(p.numel() for m in modules for p in m.parameters()) / 1e6
     t = time.perf_counter()
     touch(modules)

@@ -75,7 +75,7 @@ def test_vision_only_load_embeds_exactly_as_the_full_model(standins, flavour):
 
     texts = ["A photo of a HAPPY child at the beach", "sadness"]
     t = enc.embed_texts(texts)
-    assert enc.text_loaded and type(enc._text).__name__ == "SiglipTextModel"
+    assert enc.text_loaded and type(enc.text_model).__name__ == "SiglipTextModel"
     np.testing.assert_array_equal(t, ref_enc.embed_texts(texts))
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
     # Lower-cased before tokenizing, as both were trained (SigLIP 2's Gemma tokenizer does not do it).
@@ -104,25 +104,41 @@ def test_load_failures_are_one_line_errors(standins, tmp_path, offline_hub):
     cases["not cached"] = str(e.value)
     assert "not in the Hugging Face cache" in cases["not cached"] and "models--google--siglip-base" in cases["not cached"]
 
-    no_tok = tmp_path / "no_tokenizer"
-    no_tok.mkdir()
-    for f in src.iterdir():
-        if f.name not in ("spiece.model", "tokenizer_config.json", "special_tokens_map.json"):
-            (no_tok / f.name).symlink_to(f)
+    def variant(name: str, skip: set[str]) -> Path:
+        """The checkpoint without some files (the others symlinked)."""
+        d = tmp_path / name
+        d.mkdir()
+        for f in src.iterdir():
+            if f.name not in skip:
+                (d / f.name).symlink_to(f)
+        return d
+
+    no_tok = variant("no_tokenizer", {"spiece.model", "tokenizer_config.json", "special_tokens_map.json"})
     enc = SiglipEncoder.from_pretrained(str(no_tok), device="cpu")  # image-only: no tokenizer needed
     assert enc.embed_images([Image.new("RGB", (50, 40))]).shape == (1, 1152)
     with pytest.raises(ModelLoadError, match="tokenizer") as e:
         enc.embed_texts(["a dog"])
     cases["no tokenizer"] = str(e.value)
 
-    no_proc = tmp_path / "no_processor"
-    no_proc.mkdir()
-    for f in src.iterdir():
-        if f.name != "preprocessor_config.json":
-            (no_proc / f.name).symlink_to(f)
+    no_proc = variant("no_processor", {"preprocessor_config.json"})
     with pytest.raises(ModelLoadError, match="preprocessor_config.json") as e:
         SiglipEncoder.from_pretrained(str(no_proc), device="cpu")
     cases["no processor"] = str(e.value)
+
+    from safetensors.torch import load_file, save_file
+
+    no_weights = variant("no_weights", {"model.safetensors"})
+    with pytest.raises(ModelLoadError, match="no model.safetensors") as e:
+        SiglipEncoder.from_pretrained(str(no_weights), device="cpu")
+    cases["no weights"] = str(e.value)
+
+    partial = variant("partial", {"model.safetensors"})
+    weights = load_file(src / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "post_layernorm" not in k}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="lacks 2 vision-tower weights") as e:
+        SiglipEncoder.from_pretrained(str(partial), device="cpu")
+    cases["partial weights"] = str(e.value)
 
     empty = tmp_path / "empty"
     empty.mkdir()

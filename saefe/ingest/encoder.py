@@ -93,6 +93,16 @@ class SiglipEncoder:
     def text_loaded(self) -> bool:
         return self._text is not None
 
+    @property
+    def text_model(self):
+        """The text tower (loaded now if no text has been embedded yet)."""
+        return self._text_side()[0]
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (loaded with the text tower)."""
+        return self._text_side()[1]
+
     @classmethod
     def from_model(cls, model, image_processor, tokenizer, model_id: str, device: str, batch_size: int = 64,
                    lowercase: bool = True) -> "SiglipEncoder":
