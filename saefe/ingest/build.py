@@ -9,7 +9,6 @@ summary and the manifest. With no source given it builds the offline demo.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import shutil
 import time
@@ -24,7 +23,7 @@ import pandas as pd
 
 from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, read_precomputed
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
-from saefe.ingest.images import BadImage, decode_image
+from saefe.ingest.loader import ChunkLoader, load_item
 from saefe.ingest.index import KINDS, IndexConfig, VectorIndex
 from saefe.manifest import FORMAT_VERSION, EncoderInfo
 from saefe.ingest.store import ChunkWriter, EmbeddingStore, read_manifest, write_manifest, write_store
@@ -50,6 +49,7 @@ class BuildConfig:
     device: str | None = None
     index: IndexConfig = field(default_factory=IndexConfig)
     chunk_size: int = 1024
+    loader_workers: int = 0  # threads that read/decode/pre-process ahead of the model (0: one per core)
     force: bool = False
     progress: bool = True
 
@@ -102,19 +102,8 @@ def _build_key(cfg: BuildConfig, corpus: ImageCorpus) -> dict[str, Any]:
 
 
 def _load_item(corpus: ImageCorpus, i: int) -> tuple[int, Any, dict[str, Any], str | None]:
-    """Read + hash + decode one item off the main thread. Returns (i, image|None, meta, skip)."""
-    try:
-        data, meta = corpus.read(i)
-    except OSError as e:
-        return i, None, {"key": corpus.key(i)}, f"unreadable ({e.strerror or type(e).__name__})"
-    meta = dict(meta)
-    meta["sha256"] = hashlib.sha256(data).hexdigest()
-    try:
-        img = decode_image(data)
-    except BadImage as e:
-        return i, None, meta, str(e)
-    meta["width"], meta["height"] = img.size
-    return i, img, meta, None
+    """Read + hash + decode one item (full-size decode). Returns (i, image|None, meta, skip)."""
+    return load_item(corpus, i)
 
 
 def _item_key(meta: dict[str, Any], i: int) -> str:
@@ -217,13 +206,11 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
     preprocess = getattr(encoder, "preprocess_cpu", None)
 
     def load_chunk(pool, cid):
-        lo, hi = cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size)
-        items = list(pool.map(lambda i: _load_item(corpus, i), range(lo, hi)))
-        good = [img for _, img, _, reason in items if reason is None]
-        px = preprocess(good) if (preprocess is not None and good) else None
-        return items, px
+        return pool.load(cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size))
 
-    with ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as prefetch:
+    draft = tuple(encoder.info.image_size) if (preprocess is not None and encoder.info.image_size) else None
+    with ChunkLoader(corpus, preprocess, draft, cfg.loader_workers) as pool, \
+            ThreadPoolExecutor(max_workers=1) as prefetch:
         future = prefetch.submit(load_chunk, pool, todo[0])
         for j, cid in enumerate(todo):
             items, px = future.result()
