@@ -33,8 +33,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(verbose: bool = False) -> None:
+    """transformers' notices and progress bars are noise in normal output; ``-v`` shows them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        return
     try:
         import transformers
 
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if pre.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    _quiet_libraries()
+    _quiet_libraries(pre.verbose)
     from saefe.errors import SaefeError
 
     try:

@@ -1,8 +1,9 @@
 """The two Ray Data stages of the build, as callable classes for ``Dataset.map_batches``.
 
-``DecodePreprocess`` (CPU actors): one shard row in, one row per item out: the item's global
-index, metadata (JSON), skip reason, and pre-processed pixels. Reading, hashing and safe
-decoding are build._load_item and images.decode_image, as in the single-process build.
+``DecodePreprocess`` (CPU actors): one task row in, one row per item out: the item's global
+index, metadata (JSON), skip reason, and pixels. Reading, hashing, safe decoding (JPEG draft to
+the model's size) and pre-processing are the single-process build's ChunkLoader and PixelPlan:
+uint8 resized pixels (4x less to ship than float) that Embed's encoder finishes on its device.
 ``Embed`` (one actor per GPU with ``num_gpus=1``, CPU actors otherwise): pixels -> L2-normalised
 fp16 vectors with the same SiglipEncoder; the pixels column is dropped.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,25 @@ def _local_only() -> bool:
 class DecodePreprocess:
     def __init__(self, spec: CorpusSpec, model: str, pixel_dtype: str = "float32", fault: dict | None = None,
                  threads: int = 2):
-        from transformers import AutoImageProcessor
-
+        from saefe.ingest import towers
+        from saefe.ingest.encoder import info_from_config
         from saefe.ingest.models import resolve_model
+        from saefe.ingest.pixels import PixelPlan
 
+        path, model_id = resolve_model(model)
+        with towers.transformers_notices():
+            config, tspec = towers.load_config(path, model, _local_only())
+            processor = towers.load_image_processor(tspec, path, model, _local_only())
+        # exactly SiglipEncoder.preprocess_cpu and the build's draft size: the same pixels
+        plan = PixelPlan.from_processor(processor)
+        self.preprocess = plan.resize if plan is not None else (
+            lambda ims: processor(images=list(ims), return_tensors="pt")["pixel_values"])
+        size = info_from_config(config, model_id).image_size
+        self.draft_to = tuple(size) if all(size) else None
         self.spec = spec
-        self.processor = AutoImageProcessor.from_pretrained(resolve_model(model)[0], local_files_only=_local_only())
         self.dtype = np.dtype(pixel_dtype)
         self.fault = fault
-        self.pool = ThreadPoolExecutor(max_workers=threads)  # file reads and PIL decodes release the GIL
+        self.threads = threads
 
     def _maybe_fail(self, shard: int) -> None:
         f = self.fault
@@ -57,7 +67,7 @@ class DecodePreprocess:
             os._exit(1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from saefe.ingest.build import _load_item
+        from saefe.ingest.loader import ChunkLoader
 
         cols: dict[str, list] = {"shard": [], "item": [], "meta": [], "reason": [], "ok": [], "error": []}
         pixels = []
@@ -67,9 +77,11 @@ class DecodePreprocess:
             try:  # a shard that fails here is reported by the driver; the other shards go on
                 self._maybe_fail(shard)
                 view = open_shard(self.spec, row)
-                items = list(self.pool.map(lambda j: _load_item(view, j), range(len(view))))
-                good = [img for _, img, _, reason in items if reason is None]
-                px = self.processor(images=good, return_tensors="pt")["pixel_values"].numpy() if good else None
+                with ChunkLoader(view, self.preprocess, self.draft_to, self.threads) as loader:
+                    items, px = loader.load(0, len(view))  # the single-process build's loader
+                px = px.numpy() if px is not None else None
+                if px is not None and px.dtype != np.uint8:  # uint8 = resized, finished on the device
+                    px = px.astype(self.dtype, copy=False)
             except Exception as e:
                 items, error = [(-1, None, {}, "failed")], f"{type(e).__name__}: {e}"
             else:
@@ -83,12 +95,13 @@ class DecodePreprocess:
                 cols["ok"].append(reason is None)
                 cols["error"].append(error)
                 if reason is None:
-                    pixels.append(px[g].astype(self.dtype, copy=False))
+                    pixels.append(px[g])
                     g += 1
                 else:
                     pixels.append(None)
-        shape = next((p.shape for p in pixels if p is not None), (3, 1, 1))
-        out = np.zeros((len(pixels), *shape), self.dtype)
+        first = next((p for p in pixels if p is not None), None)
+        shape, dtype = (first.shape, first.dtype) if first is not None else ((3, 1, 1), np.uint8)
+        out = np.zeros((len(pixels), *shape), dtype)
         for i, p in enumerate(pixels):
             if p is not None:
                 out[i] = p

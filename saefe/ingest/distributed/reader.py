@@ -49,7 +49,7 @@ def shard_rows(corpus: ImageCorpus, chunk_size: int, todo: list[int], task_size:
 
 class ShardView:
     """Items ``lo .. hi-1`` of a corpus as a corpus of their own (local index j = global lo + j),
-    so build._load_item runs on it unchanged and yields the single-process metadata."""
+    so the build's loader runs on it unchanged and yields the single-process metadata."""
 
     def __init__(self, base: ImageCorpus, lo: int, hi: int, global_keys: bool):
         self.base, self.lo, self.hi, self.global_keys = base, lo, hi, global_keys
