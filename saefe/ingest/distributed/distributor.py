@@ -59,6 +59,8 @@ def connect(rc: RayConfig) -> Cluster:
         import ray
     except ImportError:
         raise SaefeError('--ray needs Ray: pip install -e ".[distributed]"') from None
+    if os.environ.get("SAEFE_RAY_LOGS") != "1":  # Ray Data's per-run INFO lines and stats
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     started = False
     if not ray.is_initialized():
         local = rc.address == "local"
