@@ -23,6 +23,8 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export SAEFE_HOME="$WORK/home" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
+# knobs for a smoke test elsewhere (defaults = the real check): layers, JPEGs, search size, device
+LAYERS=${LAYERS:-27} IMAGES=${IMAGES:-5000} SEARCH_N=${SEARCH_N:-10000000} DEVICE=${DEVICE:-cuda}
 SUMMARY="$OUT/summary.md"
 : > "$SUMMARY"
 
@@ -53,21 +55,21 @@ part() {
 }
 
 # (a1) vision tower alone + today's single-process build end to end
-part a_model_and_build 270 $PY benchmarks/bench_gpu.py --parts model,e2e --images 5000 --batch 256 \
-  --out "$WORK" --json "$OUT/a_model_and_build.json"
+part a_model_and_build 270 $PY benchmarks/bench_gpu.py --parts model,e2e --images "$IMAGES" --batch 256 \
+  --layers "$LAYERS" --device "$DEVICE" --out "$WORK" --json "$OUT/a_model_and_build.json"
 # (a2) the Ray build's stage layout on the same checkpoint and JPEGs (15 decode workers -> GPU)
-if [ -d "$WORK/so400m-27l" ] && [ -d "$WORK/jpegs" ]; then
-  part a_ray_layout 120 $PY benchmarks/bench_gpu_mapper.py --images "$WORK/jpegs" --model "$WORK/so400m-27l" \
-    --batch 256 --shard 128 --json "$OUT/a_ray_layout.json"
+if [ -d "$WORK/so400m-${LAYERS}l" ] && [ -d "$WORK/jpegs" ]; then
+  part a_ray_layout 120 $PY benchmarks/bench_gpu_mapper.py --images "$WORK/jpegs" --model "$WORK/so400m-${LAYERS}l" \
+    --device "$DEVICE" --batch 256 --shard 128 --json "$OUT/a_ray_layout.json"
 else
   echo "== a_ray_layout: skipped (no checkpoint/JPEGs from a1)" | tee -a "$SUMMARY"
 fi
 # (b) faiss-gpu at 10M, or the exact torch baseline
 if $PY -c "import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)" 2>/dev/null; then
-  part b_faiss_gpu 200 $PY benchmarks/bench_faiss_gpu.py --n 10000000 --json "$OUT/b_faiss_gpu.json"
+  part b_faiss_gpu 200 $PY benchmarks/bench_faiss_gpu.py --n "$SEARCH_N" --json "$OUT/b_faiss_gpu.json"
 else
   echo "faiss with GPUs is not importable here: exact torch search at 10M instead" | tee -a "$SUMMARY"
-  part b_exact_search 120 $PY benchmarks/bench_gpu.py --parts search --search-n 10000000 --out "$WORK" \
+  part b_exact_search 120 $PY benchmarks/bench_gpu.py --parts search --search-n "$SEARCH_N" --layers "$LAYERS" --out "$WORK" \
     --json "$OUT/b_exact_search.json"
 fi
 echo; echo "==== summary ($SUMMARY)"; cat "$SUMMARY"
