@@ -30,6 +30,10 @@ class RayEmbedder:
     def prepare(self, cfg: BuildConfig) -> EncoderInfo:
         if cfg.clip_server:
             raise SaefeError("--ray embeds with a local --model on the cluster's workers; drop --clip-server")
+        try:
+            import ray.data  # noqa: F401
+        except ImportError:
+            raise SaefeError('--ray needs Ray Data: pip install -e ".[distributed]"') from None
         from saefe.ingest.encoder import encoder_info
 
         self.info = encoder_info(cfg.model)
