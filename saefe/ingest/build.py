@@ -4,34 +4,40 @@ Work is committed in numbered chunks of the corpus' fixed order, so a build kill
 (kill -9 included) is finished by running the same command again: committed chunks are neither
 re-embedded nor duplicated. Bad images are skipped with a logged reason and counted in the
 summary and the manifest. With no source given it builds the offline demo.
+
+Running the same build on a finished index updates it (saefe.ingest.update): only new and
+changed items are embedded, deleted ones are dropped, and the result is switched in as a new
+generation. ``--force`` re-embeds everything (also into a new generation, so a running app
+keeps a whole index).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, read_precomputed
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
+from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, ItemChanged, read_precomputed
 from saefe.ingest.images import BadImage, decode_image
 from saefe.ingest.index import KINDS, IndexConfig, VectorIndex
-from saefe.manifest import FORMAT_VERSION, EncoderInfo
-from saefe.ingest.store import ChunkWriter, EmbeddingStore, read_manifest, write_manifest, write_store
 from saefe.ingest.models import canonical_model_id
+from saefe.ingest.store import ChunkWriter, read_manifest, write_manifest, write_store
+from saefe.manifest import FORMAT_VERSION, EncoderInfo
 
 log = logging.getLogger(__name__)
 
+__all__ = ["KINDS", "IndexConfig", "BuildConfig", "BuildSummary", "build_index"]
+
+SKIPPED = "skipped.parquet"  # every skipped item with its size/mtime: an update does not re-read them
 
 
 @dataclass
@@ -64,6 +70,8 @@ class BuildSummary:
     index_type: str
     already_built: bool = False
     extras: dict[str, str] = field(default_factory=dict)
+    update: dict[str, int] | None = None  # added / changed / removed / unchanged (an update)
+    index_note: str = ""  # how the index type was chosen (measured recall, speed-up, memory)
 
     def lines(self) -> list[str]:
         rate = self.embedded_now / self.seconds if self.seconds > 0 else 0.0
@@ -71,6 +79,14 @@ class BuildSummary:
             f"index: {self.out}  ({self.count} images, index type {self.index_type})",
             f"embedded this run: {self.embedded_now} in {self.seconds:.1f}s ({rate:.0f} img/s)"
             + ("  [already complete]" if self.already_built else ""),
+        ]
+        if self.update is not None:
+            u = self.update
+            out.append(f"update: added {u.get('added', 0)}, changed {u.get('changed', 0)}, removed {u.get('removed', 0)}, "
+                       f"unchanged {u.get('unchanged', 0)}" + (f" (generation {u['generation']})" if "generation" in u else ""))
+        if self.index_note:
+            out.append(f"index choice: {self.index_note}")
+        out += [
             f"duplicates stored once: {self.duplicates}",
             "skipped: " + (", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items())) or "none"),
         ]
@@ -96,20 +112,44 @@ def _build_key(cfg: BuildConfig, corpus: ImageCorpus) -> dict[str, Any]:
     }
 
 
-def _load_item(corpus: ImageCorpus, i: int) -> tuple[int, Any, dict[str, Any], str | None]:
-    """Read + hash + decode one item off the main thread. Returns (i, image|None, meta, skip)."""
+@dataclass
+class Item:
+    """One corpus item after loading: a decoded image to embed, or an old row to reuse, or a skip."""
+
+    i: int
+    img: Any
+    meta: dict[str, Any]
+    skip: str | None
+    reuse: int = -1  # old row whose vector this item takes (an update; no embedding)
+
+
+def _load_item(corpus: ImageCorpus, i: int, plan=None) -> Item:
+    """Read + hash + decode one item off the main thread. ``plan`` (an update's ReusePlan) answers
+    items it already knows: unchanged by size+mtime (not read at all) or by content hash."""
+    if plan is not None:
+        early = plan.before_read(i)
+        if early is not None:
+            return early
     try:
         data, meta = corpus.read(i)
+    except ItemChanged as e:
+        return (plan.on_read_error(i, "changed while being read") if plan else None) or \
+            Item(i, None, {"key": corpus.key(i)}, "changed while being read")
     except OSError as e:
-        return i, None, {"key": corpus.key(i)}, f"unreadable ({e.strerror or type(e).__name__})"
+        reason = f"unreadable ({e.strerror or type(e).__name__})"
+        return (plan.on_read_error(i, reason) if plan else None) or Item(i, None, {"key": corpus.key(i)}, reason)
     meta = dict(meta)
     meta["sha256"] = hashlib.sha256(data).hexdigest()
+    if plan is not None:
+        known = plan.after_hash(i, meta)
+        if known is not None:
+            return known
     try:
         img = decode_image(data)
     except BadImage as e:
-        return i, None, meta, str(e)
+        return Item(i, None, meta, str(e))
     meta["width"], meta["height"] = img.size
-    return i, img, meta, None
+    return Item(i, img, meta, None)
 
 
 def _item_key(meta: dict[str, Any], i: int) -> str:
@@ -117,7 +157,7 @@ def _item_key(meta: dict[str, Any], i: int) -> str:
 
 
 def build_index(cfg: BuildConfig) -> BuildSummary:
-    """Run (or resume, or confirm) a build; see the module docstring."""
+    """Run (or resume, update, or confirm) a build; see the module docstring."""
     if cfg.chunk_size < 1:
         raise SaefeError("chunk size must be at least 1")
     out = Path(cfg.out)
@@ -125,22 +165,42 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         raise SaefeError("no source: pass --images DIR, --dataset DIR or --embeddings FILE")
     if cfg.embeddings:
         return _import_embeddings(cfg)
-    t0 = time.time()
     corpus = _open_corpus(cfg)
-    key = _build_key(cfg, corpus)
     done = read_manifest(out)
     if done and done.get("complete"):
-        if done.get("build_key") == key and not cfg.force:
-            return _summary_of(out, done, 0, time.time() - t0, already=True)
-        if not cfg.force:
-            raise IncompatibleError(
-                f"{out} already holds an index built from {done.get('build_key', {}).get('source')!r} with "
-                f"{done['encoder']['model_id']!r}; pass --force to replace it or choose another --out"
-            )
-    if cfg.force:
-        for name in ("manifest.json", "vectors.npy", "metadata.parquet", "index.faiss", "index.json", "chunks"):
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        from saefe.ingest.update import update_index
+
+        return update_index(cfg, corpus, done)
+    t0 = time.time()
+    if cfg.force:  # an unfinished first build is started over
+        import shutil
+
+        shutil.rmtree(out / "chunks", ignore_errors=True)
+    gen = build_generation(cfg, out, corpus, _build_key(cfg, corpus))
+    vi = VectorIndex.build(np.load(out / "vectors.npy", mmap_mode="r"), cfg.index, progress=cfg.progress)
+    vi.save(out)
+    manifest = generation_manifest(gen, corpus, out, vi)
+    write_manifest(out, manifest)
+    ChunkWriter(out, gen.key).remove()
+    return summary_of(out, manifest, gen.embedded, time.time() - t0)
+
+
+@dataclass
+class Generation:
+    """What ``build_generation`` left in its dir: vectors.npy + metadata.parquet + skipped.parquet."""
+
+    key: dict[str, Any]
+    total: int
+    skips: list[dict[str, Any]]
+    embedded: int
+    info: EncoderInfo
+
+
+def build_generation(cfg: BuildConfig, out: Path, corpus: ImageCorpus, key: dict[str, Any], plan=None,
+                     known_info: EncoderInfo | None = None) -> Generation:
+    """Embed ``corpus`` (in its order) into ``out``'s vectors.npy + metadata.parquet through
+    committed chunks. With ``plan`` (an update), items the old generation already holds are
+    copied from it and the encoder is only loaded if something is left to embed."""
     out.mkdir(parents=True, exist_ok=True)
     writer = ChunkWriter(out, key)
     committed = writer.committed()
@@ -153,36 +213,37 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
     for cid in committed:
         if committed[cid].count:
             seen.update(writer.metadata(cid)["sha256"].tolist())
-    embedded = 0
-    encoder = None
-    if todo:
-        from saefe.ingest.encoder import load_encoder
-
-        encoder = load_encoder(cfg.model, cfg.clip_server, cfg.device)
-        _check_encoder_stable(out, encoder.info)
-        embedded = _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder)
-    info = encoder.info if encoder else EncoderInfo.from_dict(_read_encoder(out))
+    embedder = _Embedder(cfg, out, known_info)
+    if plan is None and todo:
+        embedder.load()
+    embedded = _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder, plan) if todo else 0
+    info = embedder.info()
     total, skips = writer.finalise(info, {})
     if total == 0:
         raise CorpusError(f"no usable images in {corpus.source}: all {n} were skipped ({_reasons(skips)})")
-    store_vectors = np.load(out / "vectors.npy", mmap_mode="r")
-    vi = VectorIndex.build(store_vectors, cfg.index, progress=cfg.progress)
-    vi.save(out)
-    reasons = Counter(s["reason"] for s in skips)
+    cols = ["item", "reason", "file_size", "mtime_ns", "sha256"]
+    skipped = pd.DataFrame([{c: s.get(c) for c in cols} for s in skips], columns=cols).astype(
+        {"item": str, "reason": str, "file_size": "Int64", "mtime_ns": "Int64", "sha256": object})
+    skipped.to_parquet(out / SKIPPED, index=False)
+    return Generation(key, int(total), skips, embedded, info)
+
+
+def generation_manifest(gen: Generation, corpus: ImageCorpus, out: Path, vi: VectorIndex) -> dict[str, Any]:
+    reasons = Counter(s["reason"] for s in gen.skips)
     dups = reasons.pop("duplicate", 0)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "encoder": info.to_dict(),
-        "count": int(total),
-        "dim": info.embedding_dim,
+        "encoder": gen.info.to_dict(),
+        "count": int(gen.total),
+        "dim": gen.info.embedding_dim,
         "index_type": vi.kind,
         "index_params": vi.params,
         "source_kind": corpus.kind,
         "corpus_root": corpus.source,
         "skipped": dict(reasons),
-        "skipped_items": [s for s in skips if s["reason"] != "duplicate"][:1000],
+        "skipped_items": [{"item": s["item"], "reason": s["reason"]} for s in gen.skips if s["reason"] != "duplicate"][:1000],
         "duplicates": int(dups),
-        "build_key": key,
+        "build_key": gen.key,
         "complete": True,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -190,12 +251,38 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         manifest["corpus_root_rel"] = str(Path(corpus.source).resolve().relative_to(out.resolve()))
     except ValueError:
         pass
-    write_manifest(out, manifest)
-    writer.remove()
-    return _summary_of(out, manifest, embedded, time.time() - t0)
+    return manifest
 
 
-def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
+class _Embedder:
+    """The encoder, loaded on first need (an update that embeds nothing never loads a model)."""
+
+    def __init__(self, cfg: BuildConfig, out: Path, known_info: EncoderInfo | None):
+        self.cfg, self.out, self.known = cfg, out, known_info
+        self.encoder = None
+
+    def load(self):
+        if self.encoder is None:
+            from saefe.ingest.encoder import load_encoder
+
+            self.encoder = load_encoder(self.cfg.model, self.cfg.clip_server, self.cfg.device)
+            if self.known is not None:
+                self.known.check_compatible(self.encoder.info, f"the index at {self.out.parent}", "this run's encoder")
+            _check_encoder_stable(self.out, self.encoder.info)
+        return self.encoder
+
+    def info(self) -> EncoderInfo:
+        if self.encoder is not None:
+            return self.encoder.info
+        p = self.out / "chunks" / "encoder.json"
+        if p.exists():
+            return EncoderInfo.from_dict(_read_encoder(self.out))
+        if self.known is None:
+            raise SaefeError(f"no encoder recorded for the build in {self.out}")
+        return self.known
+
+
+def _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder: _Embedder, plan) -> int:
     from tqdm import tqdm
 
     n = len(corpus)
@@ -203,14 +290,13 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
     bar = tqdm(total=n, initial=done_items, unit="img", desc="embedding", disable=not cfg.progress, smoothing=0.1)
     embedded = 0
 
-    # A local SigLIP's processor runs in the loader thread too, so on a GPU the (PIL-bound,
-    # single-threaded) pre-processing of chunk i+1 overlaps the model's work on chunk i.
-    preprocess = getattr(encoder, "preprocess_cpu", None)
-
     def load_chunk(pool, cid):
         lo, hi = cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size)
-        items = list(pool.map(lambda i: _load_item(corpus, i), range(lo, hi)))
-        good = [img for _, img, _, reason in items if reason is None]
+        items = list(pool.map(lambda i: _load_item(corpus, i, plan), range(lo, hi)))
+        # A local SigLIP's processor runs in the loader thread too, so on a GPU the (PIL-bound,
+        # single-threaded) pre-processing of chunk i+1 overlaps the model's work on chunk i.
+        preprocess = getattr(embedder.encoder, "preprocess_cpu", None)
+        good = [it.img for it in items if it.img is not None]
         px = preprocess(good) if (preprocess is not None and good) else None
         return items, px
 
@@ -220,35 +306,68 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
             items, px = future.result()
             if j + 1 < len(todo):  # decode the next chunk while this one is embedded
                 future = prefetch.submit(load_chunk, pool, todo[j + 1])
-            images, metas, skipped, keep = [], [], [], []
-            for i, img, meta, reason in items:
-                if reason is None and meta["sha256"] in seen:
+            accepted, skipped, keep = [], [], []
+            for it in items:
+                reason = it.skip
+                sha = it.meta.get("sha256")
+                if reason is None and sha in seen:
                     reason = "duplicate"
-                if img is not None:  # one flag per decoded image, aligned with ``px``
+                if it.img is not None:  # one flag per decoded image, aligned with ``px``
                     keep.append(reason is None)
                 if reason is not None:
-                    skipped.append({"item": _item_key(meta, i), "reason": reason})
+                    rec = {"item": _item_key(it.meta, it.i), "reason": reason}
+                    keys = ("file_size", "mtime_ns", "sha256") if reason == "duplicate" else ("file_size", "mtime_ns")
+                    rec.update({k: it.meta[k] for k in keys if it.meta.get(k) is not None})
+                    skipped.append(rec)
                     if reason != "duplicate":
-                        log.warning("skipped %s: %s", _item_key(meta, i), reason)
+                        log.warning("skipped %s: %s", rec["item"], reason)
                     continue
-                seen.add(meta["sha256"])
-                images.append(img)
-                metas.append(meta)
-            if not images:
-                vecs = np.zeros((0, encoder.info.embedding_dim), np.float32)
-            elif px is not None:
-                import torch
-
-                vecs = encoder.embed_pixels(px[torch.tensor(keep)])
-            else:
-                vecs = encoder.embed_images(images)
-            if vecs.shape[1] != encoder.info.embedding_dim:
-                raise IncompatibleError(f"encoder returned dimension {vecs.shape[1]}, expected {encoder.info.embedding_dim}")
+                if it.skip is None and it.meta.get("_kept_stale"):
+                    skipped.append({"item": _item_key(it.meta, it.i), "reason": it.meta["_kept_stale"]})
+                seen.add(sha)
+                accepted.append(it)
+            vecs = _vectors_for(accepted, px, keep, embedder, plan)
+            metas = []
+            for it, fresh in zip(accepted, (it.reuse < 0 for it in accepted)):
+                m = {k: v for k, v in it.meta.items() if k != "_kept_stale"}
+                if plan is not None:
+                    m["_old_row"] = plan.identity_row(it.i, m)
+                    m["_embedded"] = fresh
+                metas.append(m)
             writer.commit(cid, vecs, pd.DataFrame(metas), skipped)
-            embedded += len(images)
+            embedded += sum(it.reuse < 0 for it in accepted)
             bar.update(len(items))
     bar.close()
     return embedded
+
+
+def _vectors_for(accepted: list[Item], px, keep: list[bool], embedder: _Embedder, plan) -> np.ndarray:
+    """Rows for the accepted items: copied from the old generation, or embedded now."""
+    fresh = [it for it in accepted if it.reuse < 0]
+    dim = None
+    new = None
+    if fresh:
+        enc = embedder.load()
+        dim = enc.info.embedding_dim
+        if px is not None:
+            import torch
+
+            new = enc.embed_pixels(px[torch.tensor(keep)])
+        else:
+            new = enc.embed_images([it.img for it in fresh])
+        if new.shape[1] != dim:
+            raise IncompatibleError(f"encoder returned dimension {new.shape[1]}, expected {dim}")
+    if dim is None:
+        dim = plan.dim if plan is not None else embedder.info().embedding_dim
+    vecs = np.zeros((len(accepted), dim), np.float32)
+    j = 0
+    for r, it in enumerate(accepted):
+        if it.reuse >= 0:
+            vecs[r] = plan.vector(it.reuse)
+        else:
+            vecs[r] = new[j]
+            j += 1
+    return vecs
 
 
 def _check_encoder_stable(out: Path, info: EncoderInfo) -> None:
@@ -272,7 +391,8 @@ def _reasons(skips: list[dict[str, str]]) -> str:
     return ", ".join(f"{r}: {c}" for r, c in Counter(s["reason"] for s in skips).most_common()) or "none"
 
 
-def _summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: bool = False) -> BuildSummary:
+def summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: bool = False,
+               update: dict[str, int] | None = None) -> BuildSummary:
     return BuildSummary(
         out=str(out),
         count=int(manifest["count"]),
@@ -282,21 +402,16 @@ def _summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: 
         embedded_now=embedded,
         index_type=str(manifest.get("index_type")),
         already_built=already,
+        update=update,
+        index_note=str((manifest.get("index_params") or {}).get("choice", "")),
     )
 
 
-def _import_embeddings(cfg: BuildConfig) -> BuildSummary:
-    """Precomputed vectors: validated, L2-normalised, stored in fp16; nothing is re-embedded."""
-    t0 = time.time()
-    vecs, meta = read_precomputed(cfg.embeddings, cfg.metadata)
-    model_id = canonical_model_id(cfg.model)
-    out = Path(cfg.out)
-    done = read_manifest(out)
-    if done and done.get("complete") and not cfg.force:
-        raise IncompatibleError(f"{out} already holds an index; pass --force to replace it or choose another --out")
+def clean_vectors(vecs: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Precomputed vectors: (L2-normalised usable rows, mask of usable rows, skip counts)."""
     v = np.asarray(vecs, dtype=np.float32)
     finite = np.isfinite(v).all(axis=1)
-    norms = np.linalg.norm(v, axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], v, 0), axis=1)
     ok = finite & (norms > 0)
     skipped = {}
     if (~finite).any():
@@ -306,15 +421,31 @@ def _import_embeddings(cfg: BuildConfig) -> BuildSummary:
     for i in np.flatnonzero(~ok)[:20]:
         log.warning("skipped row %d: %s", i, "non-finite vector" if not finite[i] else "zero vector")
     if not ok.any():
-        raise CorpusError(f"no usable vectors in {cfg.embeddings}")
-    v = v[ok] / norms[ok, None]
+        raise CorpusError(f"no usable vectors in {source}")
+    return v[ok] / norms[ok, None], ok, skipped
+
+
+def _import_embeddings(cfg: BuildConfig) -> BuildSummary:
+    """Precomputed vectors: validated, L2-normalised, stored in fp16; nothing is re-embedded.
+    Into a finished index, the rows are diffed against it instead (saefe.ingest.update)."""
+    t0 = time.time()
+    vecs, meta = read_precomputed(cfg.embeddings, cfg.metadata)
+    model_id = canonical_model_id(cfg.model)
+    out = Path(cfg.out)
+    done = read_manifest(out)
+    if done and done.get("complete"):
+        from saefe.ingest.update import update_from_embeddings
+
+        return update_from_embeddings(cfg, vecs, meta, done)
+    v, ok, skipped = clean_vectors(vecs, cfg.embeddings)
     meta = meta[ok].reset_index(drop=True)
     info = EncoderInfo(model_id=model_id, embedding_dim=int(v.shape[1]))
     write_store(out, v, meta, info, {"source_kind": "embeddings", "corpus_root": str(Path(cfg.embeddings).resolve().parent),
+                                     "source": str(Path(cfg.embeddings).resolve()),
                                      "skipped": skipped, "duplicates": 0, "complete": False})
     vi = VectorIndex.build(np.load(out / "vectors.npy", mmap_mode="r"), cfg.index, progress=cfg.progress)
     vi.save(out)
     m = read_manifest(out)
     m.update(index_type=vi.kind, index_params=vi.params, complete=True)
     write_manifest(out, m)
-    return _summary_of(out, m, 0, time.time() - t0)
+    return summary_of(out, m, 0, time.time() - t0)

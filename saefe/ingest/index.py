@@ -168,8 +168,10 @@ class VectorIndex:
 
     @classmethod
     def load(cls, dir: str | os.PathLike, use_gpu: bool = True) -> "VectorIndex":
+        from saefe.ingest.store import resolve_data_dir
+
         faiss = _faiss()
-        d = Path(dir)
+        d = resolve_data_dir(dir)  # an index dir (its current generation) or a generation dir
         if not (d / INDEX_FILE).exists():
             raise SaefeError(f"no FAISS index at {d}; build it with `saefe build` (or python scripts/build_index.py)")
         index = faiss.read_index(str(d / INDEX_FILE))

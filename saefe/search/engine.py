@@ -108,7 +108,7 @@ class Engine:
             remote = RemoteBackend(backend)
             if int(remote.d_emb) != store.dim:
                 raise IncompatibleError(f"backend {backend} has d_emb {remote.d_emb}, the index has {store.dim}")
-        index = None if remote else VectorIndex.load(store.dir)
+        index = None if remote else VectorIndex.load(store.data)
         if index is not None and index.dim != store.dim:
             raise IncompatibleError(f"FAISS index dim {index.dim} != store dim {store.dim} in {store.dir}")
         if sae_dir is None and store.manifest.get("default_sae"):
@@ -286,7 +286,7 @@ class Engine:
             try:
                 from saefe.sae.codes import load_codes
 
-                _, csc = load_codes(self.store.dir, self.sae_dir)
+                _, csc = load_codes(self.store.data, self.sae_dir)
                 if csc is not None and csc.shape == (len(self.store), sae.config.d_hidden):
                     return FeatureRanker(csc, len(self.store))
             except (SaefeError, OSError, ValueError, KeyError) as e:
@@ -373,7 +373,7 @@ class Engine:
         s_top, i_top = self.index.search(row[None, :], k)
         s_bot, i_bot = self.index.search(-row[None, :], k)
         freq = None
-        if "ranker" in self.__dict__ or (self.sae_dir and (self.store.dir / "codes").exists()):
+        if "ranker" in self.__dict__ or (self.sae_dir and (self.store.data / "codes").exists()):
             freq = self.ranker.frequency(j)
         elif self.profiles is not None:
             counts = self.profiles.counts.astype(np.float64)
