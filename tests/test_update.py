@@ -217,3 +217,39 @@ def test_force_rebuilds_everything_as_a_new_generation(corpus):
     root, out = corpus
     s = build_index(_cfg(root, out, force=True))
     assert s.embedded_now == 40 and EmbeddingStore.open(out).generation == 1
+
+
+def test_sae_codes_and_per_image_labels_follow_the_update(corpus, demo_encoder):
+    import torch
+
+    from saefe.labels.annotations import read_annotations
+    from saefe.labels.attributes import read_attributes, set_default_sae, write_attributes
+    from saefe.sae.codes import encode_corpus, load_codes
+    from saefe.sae.model import SAEConfig, TopKSAE
+    from saefe.search.engine import Engine
+
+    root, out = corpus
+    torch.manual_seed(0)
+    sae_dir = out.parent / "sae"
+    TopKSAE(SAEConfig(d_emb=demo_encoder.info.embedding_dim, d_hidden=32, top_k=4), demo_encoder.info).save_pretrained(sae_dir)
+    encode_corpus(out, sae_dir, progress=False)
+    csv = out.parent / "ann.csv"
+    names = [f"i{s:04d}.png" for s in list(range(40)) + [600, 601, 602]]
+    pd.DataFrame({"Filename": names, "Happiness": [i % 2 for i in range(len(names))]}).to_csv(csv, index=False)
+    store = EmbeddingStore.open(out)
+    write_attributes(store, read_annotations(csv, store))
+    set_default_sae(store, sae_dir)
+    _folder(root, [600, 601, 602])
+    (root / "i0000.png").unlink()
+    (root / "i0001.png").unlink()
+    s = build_index(_cfg(root, out))
+    assert s.embedded_now == 3 and "encoded for 41 rows" in s.extras["SAE codes sae"]
+    new = EmbeddingStore.open(out)
+    csr, csc = load_codes(out, sae_dir)
+    assert csr.shape[0] == csc.shape[0] == len(new) == 41
+    attrs = read_attributes(new)
+    assert attrs is not None and len(attrs) == 41
+    truth = {n: i % 2 for i, n in enumerate(names)}
+    assert [int(v) for v in attrs["Happiness"]] == [truth[p] for p in new.metadata["path"]]
+    eng = Engine.open(out)  # the default SAE and its stored codes open with the new generation
+    assert eng.ranker.csc.shape[0] == 41 and eng.attributes is not None

@@ -52,9 +52,13 @@ class SearchResult:
     id: int
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    group: list[int] | None = None  # near-duplicates collapsed into this result (itself first)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": int(self.id), "score": float(self.score), **self.metadata}
+        out = {"id": int(self.id), "score": float(self.score), **self.metadata}
+        if self.group is not None:
+            out.update(group_size=len(self.group), group_ids=list(self.group))
+        return out
 
 
 @dataclass
@@ -331,6 +335,13 @@ class Engine:
         if not keep.any():
             raise SteeringError("all sliders are zero")
         return self._rank_arrays(ids[keep], ws[keep], k)
+
+    def search_page(self, terms: Sequence[Term], k: int = 20, mode: str = "direction", offset: int = 0,
+                    where=None, dedup: float | None = 0.95):
+        """A page of results with filters, near-duplicate collapse and paging (saefe.search.query)."""
+        from saefe.search.query import search_page
+
+        return search_page(self, terms, k, mode, offset, where, dedup)
 
     # -- inspection -----------------------------------------------------------------------------
     def image_features(self, image_id: int, top: int = 10) -> list[tuple[int, float, str | None]]:
