@@ -2,15 +2,23 @@
 
 - ``POST /`` JSON ``{"terms": [{"embedding": [f32...]} | {"text": str} | {"image": base64}
   | {"predefined_embedding": name}, each with optional "weight" (default 1)], "k": int (default
-  1000), "include_video": bool (ignored)}``. Each term's embedding is L2-normalised, the terms are
-  summed with their weights, the sum is L2-normalised and searched with ``engine.search_vector``.
+  1000, at most ``max_k``), "include_video": bool (ignored)}``. Each term's embedding is
+  L2-normalised, the terms are summed with their weights, the sum is L2-normalised and searched.
+  Extensions (ignored by the original clients): ``"offset"`` (paging), ``"where"`` (metadata
+  filters: ``{"subreddit": "pics", "width": {">=": 512}}`` or ``["path=memes/*"]``) and
+  ``"dedup_threshold"`` (near-duplicate collapse, default 0.95; 0 or false turns it off).
   Reply ``{"matches": [[score, filename_or_url, sha256 or "", 0, [width, height] | null, null], ...],
-  "formats": [], "extensions": {}}``. A bad request (unknown term type, wrong dimension, bad base64,
-  NaN, undecodable image, unknown predefined name) gets 400 ``{"error": message}``.
+  "formats": [], "extensions": {}, "group_sizes": [...], "offset", "has_more"}``; a filename is
+  the image's path relative to the corpus root (or its URL), never a path on the server.
+  A bad request (unknown term type, wrong dimension, bad base64, NaN, undecodable image, unknown
+  predefined name, k above the cap, bad filter) gets 400 ``{"error": message}``.
 - ``GET /`` -> ``{"n_total", "predefined_embedding_names", "d_emb"}``; ``GET /metrics`` Prometheus text.
+- ``POST /reload`` -> ``{"generation", "n_total", "changed", "error"}``: reopen the index now if it
+  changed (``{"force": true}``: always). The server also notices a new generation on its own
+  (saefe.search.live), so an update needs neither this call nor a restart.
 
 Permissive CORS like the original, so a browser front end on another origin can query it. The
-engine (model and index) runs on one worker thread off the event loop.
+engine (model and index) runs on a few worker threads off the event loop; searches only read.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from saefe.serve.clip_server import METRICS_KEY, Metrics, metrics_response, serv
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 1000
-MAX_K = 100_000
+MAX_K = 1000  # meme-search-engine's default k; more is a crawl of the corpus, not a search
+WORKERS = 4
 MAX_BODY = 2**26
 TERM_TYPES = ("embedding", "text", "image", "predefined_embedding")
 
@@ -51,9 +60,8 @@ def _normalised(v: np.ndarray, what: str) -> np.ndarray:
 
 def _to_match(r) -> list:
     md = getattr(r, "metadata", None) or {}
-    # a URL as is; else the absolute path the engine resolved (usable by a client on this machine)
-    name = next((v for v in (md.get("url"), md.get("image_path"), md.get("path")) if isinstance(v, str) and v),
-                str(getattr(r, "id", "")))
+    # a URL as is; else the path relative to the corpus root (a server path would leak its layout)
+    name = next((v for v in (md.get("url"), md.get("path")) if isinstance(v, str) and v), str(getattr(r, "id", "")))
     sha = md.get("sha256")
     w, h = md.get("width"), md.get("height")
     size = None
@@ -66,11 +74,43 @@ def _to_match(r) -> list:
 
 
 class QueryPlanner:
-    """Turns the JSON terms into one query vector with an engine; raises QueryError on bad input."""
+    """Turns the JSON terms into one query vector with an engine; raises QueryError on bad input.
+    ``live`` (saefe.search.live.LiveEngine) hands out the current engine of a reloadable index."""
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.dim = int(engine.dim)
+    def __init__(self, live, max_k: int = MAX_K, dedup_threshold: float | None = 0.95):
+        self.live = live
+        self.max_k = int(max_k)
+        self.dedup_threshold = dedup_threshold
+
+    @property
+    def engine(self):
+        return self.live.engine
+
+    @property
+    def dim(self) -> int:
+        return int(self.engine.dim)
+
+    def options(self, body) -> dict:
+        """offset / where / dedup_threshold of a request body (validated; defaults filled in)."""
+        offset = body.get("offset", 0) or 0
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise QueryError(f"'offset' must be an integer >= 0, got {offset!r}")
+        where = body.get("where")
+        if where is not None:
+            from saefe.search.filters import Filter, FilterError
+
+            if not isinstance(where, (dict, list, str)):
+                raise QueryError("'where' must be an object {column: value}, a list of 'COLUMN OP VALUE' or a string")
+            try:
+                where = Filter.parse(where)
+            except FilterError as e:
+                raise QueryError(str(e)) from None
+        dedup = body.get("dedup_threshold", self.dedup_threshold)
+        if dedup is False or dedup is None:
+            dedup = None
+        elif isinstance(dedup, bool) or not isinstance(dedup, (int, float)) or not 0 <= dedup <= 1:
+            raise QueryError(f"'dedup_threshold' must be a cosine in (0, 1], or 0 / false for off; got {dedup!r}")
+        return {"offset": offset, "where": where, "dedup": dedup or None}
 
     def parse(self, body) -> tuple[list[tuple[str, object, float]], int]:
         if not isinstance(body, dict):
@@ -83,6 +123,8 @@ class QueryPlanner:
             k = DEFAULT_K
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise QueryError(f"'k' must be a positive integer, got {k!r}")
+        if k > self.max_k:
+            raise QueryError(f"'k' is at most {self.max_k} on this server (got {k}); page with 'offset' for more")
         parsed = []
         for i, term in enumerate(terms):
             if not isinstance(term, dict):
@@ -100,7 +142,7 @@ class QueryPlanner:
                 raise QueryError(f"term {i} has none of {', '.join(TERM_TYPES)}")
             for kind in kinds:  # the original adds every kind a term carries
                 parsed.append((kind, self._check(i, kind, term[kind]), float(weight)))
-        return parsed, min(int(k), MAX_K)
+        return parsed, int(k)
 
     def _check(self, i: int, kind: str, value):
         if kind == "embedding":
@@ -132,21 +174,22 @@ class QueryPlanner:
             raise QueryError(f"term {i}: unknown predefined_embedding {value!r} (available: {names})")
         return value
 
-    def query_vector(self, parsed) -> np.ndarray:
+    def query_vector(self, parsed, engine=None) -> np.ndarray:
         """Blocking: embeds text/image terms through the engine."""
         from saefe.errors import SaefeError
 
-        total = np.zeros(self.dim, np.float32)
+        engine = engine or self.engine
+        total = np.zeros(int(engine.dim), np.float32)
         for j, (kind, value, weight) in enumerate(parsed):
             try:
                 if kind == "embedding":
                     v = value
                 elif kind == "text":
-                    v = self.engine.embed_text(value)
+                    v = engine.embed_text(value)
                 elif kind == "image":
-                    v = self.engine.embed_image_bytes(value)
+                    v = engine.embed_image_bytes(value)
                 else:
-                    v = self.engine.predefined[value]
+                    v = engine.predefined[value]
             except SaefeError as e:
                 raise QueryError(f"{kind} term: {e}") from None
             except Exception as e:  # noqa: BLE001 - undecodable images surface as many exception types
@@ -156,26 +199,54 @@ class QueryPlanner:
             total += weight * _normalised(np.asarray(v, dtype=np.float32), f"{kind} term embedding")
         return _normalised(total, "the weighted sum of the terms")
 
-    def search(self, parsed, k: int) -> list:
+    def search(self, parsed, k: int, opts: dict | None = None) -> dict:
+        """One page: {"matches", "group_sizes", "offset", "has_more"} (blocking)."""
         from saefe.errors import RemoteError, SaefeError
 
-        q = self.query_vector(parsed)
+        opts = opts or {"offset": 0, "where": None, "dedup": self.dedup_threshold}
+        engine = self.engine  # one engine (one index generation) for the whole request
+        q = self.query_vector(parsed, engine)
         try:
-            results = self.engine.search_vector(q, min(k, max(1, int(self.engine.n_total))))
+            if hasattr(engine, "store"):  # a local index: filters, collapse, paging
+                from saefe.search.query import search_vector_page
+
+                page = search_vector_page(engine, q, k, opts["offset"], opts["where"], opts["dedup"])
+                results, has_more = page.results, page.has_more
+            else:  # anything else with search_vector (a remote or stand-in engine): plain paging
+                if opts["where"]:
+                    raise QueryError("this server cannot filter (no local metadata)")
+                n = max(1, int(engine.n_total))
+                results = engine.search_vector(q, min(opts["offset"] + k + 1, n))
+                has_more = len(results) > opts["offset"] + k
+                results = results[opts["offset"]: opts["offset"] + k]
         except RemoteError:
             raise  # the engine's own remote backend failed: a server-side error (500)
         except SaefeError as e:
             raise QueryError(str(e)) from None
-        return [_to_match(r) for r in results]
+        return {"matches": [_to_match(r) for r in results],
+                "group_sizes": [len(r.group) if getattr(r, "group", None) else 1 for r in results],
+                "offset": opts["offset"], "has_more": bool(has_more)}
 
 
-def make_app(engine):
-    """An aiohttp app serving ``engine`` (Engine or anything with the same attributes)."""
+def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | None = 0.95):
+    """An aiohttp app serving ``engine``: an Engine (or anything with the same attributes), or a
+    saefe.search.live.LiveEngine that follows its index's updates."""
     from aiohttp import web
 
-    planner = QueryPlanner(engine)
-    predefined_names = sorted(engine.predefined)  # computed once here, not on the event loop
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saefe-backend-engine")
+    from saefe.search.live import LiveEngine
+
+    live = engine if isinstance(engine, LiveEngine) else LiveEngine.static(engine)
+    planner = QueryPlanner(live, max_k, dedup_threshold)
+    names_of: dict[int, list[str]] = {}
+
+    def predefined_names(eng) -> list[str]:  # computed once per engine, off the event loop
+        if id(eng) not in names_of:
+            names_of.clear()
+            names_of[id(eng)] = sorted(eng.predefined)
+        return names_of[id(eng)]
+
+    predefined_names(live.engine)
+    executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="saefe-backend-engine")
     metrics = Metrics()
     metrics.counter("saefe_backend_queries_total", "Search requests by status")
     metrics.counter("saefe_backend_terms_total", "Query terms by type")
@@ -200,11 +271,12 @@ def make_app(engine):
             except ValueError:
                 raise QueryError("request body is not valid JSON") from None
             parsed, k = planner.parse(body)
+            opts = planner.options(body)
             for kind, _, _ in parsed:
                 metrics.inc("saefe_backend_terms_total", type=kind)
             loop = asyncio.get_running_loop()
-            matches = await loop.run_in_executor(executor, planner.search, parsed, k)
-            status, out = 200, {"matches": matches, "formats": [], "extensions": {}}
+            page = await loop.run_in_executor(executor, planner.search, parsed, k, opts)
+            status, out = 200, {**page, "formats": [], "extensions": {}}
         except QueryError as e:
             metrics.inc("saefe_backend_errors_total", reason="bad_request")
             status, out = 400, {"error": str(e)}
@@ -217,11 +289,23 @@ def make_app(engine):
         return reply(out, status)
 
     async def info(request):
+        loop = asyncio.get_running_loop()
+        eng = await loop.run_in_executor(executor, lambda: live.engine)  # may reopen a new generation
+        names = await loop.run_in_executor(executor, predefined_names, eng)
         return reply({
-            "n_total": int(engine.n_total),
-            "predefined_embedding_names": predefined_names,
-            "d_emb": int(engine.dim),
+            "n_total": int(eng.n_total),
+            "predefined_embedding_names": names,
+            "d_emb": int(eng.dim),
         })
+
+    async def reload(request):
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            body = {}
+        force = bool(body.get("force")) if isinstance(body, dict) else False
+        loop = asyncio.get_running_loop()
+        return reply(await loop.run_in_executor(executor, lambda: live.reload(force=force)))
 
     async def options(request):
         return web.Response(status=204, headers=cors)
@@ -235,6 +319,7 @@ def make_app(engine):
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post("/", search)
     app.router.add_get("/", info)
+    app.router.add_post("/reload", reload)
     app.router.add_route("OPTIONS", "/", options)
     app.router.add_get("/metrics", metrics_view)
     app.on_cleanup.append(on_cleanup)
