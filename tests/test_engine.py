@@ -267,8 +267,10 @@ def test_bias_metrics_by_hand():
 def test_engine_bias(engine):
     res = engine.search([Term("label", "Male")], k=20, mode="direction")
     rep = engine.bias(res)
-    assert rep.shares["gender"]["Male"] > 0.8
-    assert rep.max_skew["gender"] > 0.4
+    # the report describes exactly these results (how skewed they are is a benchmark figure)
+    ids = np.array([r.id for r in res])
+    male = engine.attributes["Male"].to_numpy()[ids]
+    assert rep.shares["gender"]["Male"] == pytest.approx(male.mean())
     assert set(rep.shares) == {"gender", "age"}
 
 

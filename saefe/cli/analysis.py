@@ -133,11 +133,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     engine = Engine.open(args.index, sae_dir=args.sae, labels_dir=args.labels, model=args.model)
     engine.require_sae()
     membership = read_annotations(args.annotations, engine.store)
-    overrides = None
-    if args.prompts:
-        from saefe.labels.profiles import read_prompts
+    from saefe.demo.corpus import DEMO_TEXT_PROMPTS
 
-        overrides = read_prompts(args.prompts)
+    # the demo's labels have hand-written prompts; a user's file overrides them
+    overrides = {lab: p for lab, p in DEMO_TEXT_PROMPTS.items() if lab in membership.labels}
+    if args.prompts:
+        from saefe.labels.prompts import read_prompts
+
+        overrides.update(read_prompts(args.prompts))
     rep = _evaluate.EvalReport(0, 0, 0, args.seed, args.penalty, float(args.C))
     _evaluate.evaluate_labels(engine, membership, args.test_fraction, args.seed, args.penalty, args.C, labels=args.only,
                     prompts=overrides, zero_shot=not args.no_zero_shot, report=rep)

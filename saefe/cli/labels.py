@@ -8,6 +8,7 @@ from pathlib import Path
 from saefe.errors import SaefeError
 
 import saefe.labels.profiles as _labels
+import saefe.labels.prompts as _prompts
 
 # ---- from saefe.labels.profiles
 
@@ -55,14 +56,14 @@ def run_labels(args) -> int:
     else:
         from saefe.ingest.encoder import SiglipEncoder
 
-        prompts = _labels.read_prompts(args.texts)
+        prompts = _prompts.read_prompts(args.texts)
         encoder = SiglipEncoder.from_pretrained(args.model or store.encoder_info.model_id)
         index = None
         if (store.data / "index.faiss").exists():
             from saefe.ingest.index import VectorIndex
 
             index = VectorIndex.load(store.data)
-        membership = _labels.membership_from_texts(store, index, encoder, prompts, top_n=args.top_n)
+        membership = _prompts.membership_from_texts(store, index, encoder, prompts, top_n=args.top_n)
         membership.report.source = str(args.texts)
     profiles = _labels.build_profiles(store, sae, membership, sae_dir=args.sae, top_k=args.top_k)
     out = Path(args.out) if args.out else Path(args.sae) / "labels"

@@ -27,47 +27,12 @@ from saefe.errors import IncompatibleError, SaefeError, SteeringError
 from saefe.manifest import EncoderInfo
 from saefe.search.mix import check_weight as _check_weight
 from saefe.ingest.store import EmbeddingStore
+from saefe.labels.attributes import ATTRIBUTES
+from saefe.search.types import MIX_KINDS, MODES, TERM_KINDS, FeatureReport, SearchResult, Term
 
 log = logging.getLogger(__name__)
 
 DEMO_INDEX = "index/demo"
-from saefe.labels.attributes import ATTRIBUTES
-MODES = ("direction", "features")
-TERM_KINDS = ("embedding", "text", "image", "label", "expr", "features", "predefined")
-MIX_KINDS = ("label", "expr", "features")
-
-
-@dataclass
-class Term:
-    """One query term. value: list of floats | str | image bytes / PIL | label | expression |
-    {feature id: weight}; weight may be negative (push away)."""
-
-    kind: str
-    value: Any
-    weight: float = 1.0
-
-
-@dataclass
-class SearchResult:
-    id: int
-    score: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-    group: list[int] | None = None  # near-duplicates collapsed into this result (itself first)
-
-    def to_json(self) -> dict[str, Any]:
-        out = {"id": int(self.id), "score": float(self.score), **self.metadata}
-        if self.group is not None:
-            out.update(group_size=len(self.group), group_ids=list(self.group))
-        return out
-
-
-@dataclass
-class FeatureReport:
-    feature: int
-    frequency: float | None
-    top: list[SearchResult]
-    bottom: list[SearchResult]
-    labels: list[tuple[str, float]]
 
 
 def _unit(v: np.ndarray, what: str) -> np.ndarray:

@@ -65,7 +65,7 @@ def check_paging(k, offset) -> tuple[int, int]:
 def search_page(engine, terms: Sequence, k: int = 20, mode: str = "direction", offset: int = 0,
                 where: Filter | Sequence[str] | str | dict | None = None,
                 dedup: float | None = DEFAULT_THRESHOLD) -> Page:
-    from saefe.search.engine import MODES
+    from saefe.search.types import MODES
 
     if mode not in MODES:
         raise SaefeError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
@@ -77,7 +77,7 @@ def search_page(engine, terms: Sequence, k: int = 20, mode: str = "direction", o
 
 def feature_weights(engine, terms: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """The summed (feature ids, weights) of feature-mode terms (labels, expressions, mixes)."""
-    from saefe.search.engine import MIX_KINDS, TERM_KINDS
+    from saefe.search.types import MIX_KINDS, TERM_KINDS
     from saefe.search.mix import check_weight
 
     if not terms:
