@@ -78,3 +78,29 @@ def test_k_cap_relative_names_filters_and_paging(served):
     p2 = _query(url, live, k=4, offset=4, dedup_threshold=0).json()
     assert [m[1] for m in p1["matches"] + p2["matches"]] == names[:8] and p1["has_more"]
     assert _query(url, live, k=4, where=["nope=1"]).status_code == 400
+
+
+def test_search_cli_where_offset_export(tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    from saefe.cli.main import main
+
+    root, out = tmp_path / "imgs", tmp_path / "idx"
+    _imgs(root, range(12))
+    build_index(BuildConfig(images=str(root), out=str(out), progress=False))
+    img = str(root / "cats" / "i001.png")
+
+    def run(*argv):
+        rc = main(["search", "--index", str(out), "--image", img, "--json", "--no-dedup", *argv])
+        assert rc == 0
+        return json.loads(capsys.readouterr().out)
+
+    cats = run("--where", "path=cats/*", "--k", "3", "--export", str(tmp_path / "r.csv"))
+    assert len(cats) == 3 and all(r["path"].startswith("cats/") for r in cats)
+    assert list(pd.read_csv(tmp_path / "r.csv")["id"]) == [r["id"] for r in cats]
+    more = run("--where", "path=cats/*", "--k", "3", "--offset", "3")
+    assert [r["id"] for r in cats + more] == [r["id"] for r in run("--where", "path=cats/*", "--k", "6")]
+    assert main(["search", "--index", str(out), "--image", img, "--where", "width"]) == 2
+    assert "bad filter" in capsys.readouterr().err

@@ -134,3 +134,4 @@ def test_export_csv_and_json(eng, tmp_path):
     assert list(c["id"]) == [r.id for r in page.results]
     with pytest.raises(SaefeError, match=".csv or .json"):
         export_results(eng, page.results, tmp_path / "r.txt")
+

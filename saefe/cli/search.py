@@ -68,13 +68,30 @@ def search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="direction",
                    help="direction: cosine to the mixed decoder direction; features: exact sum_j w_j a_j(image)")
     p.add_argument("--k", type=int, default=20, help="number of results")
+    p.add_argument("--offset", type=int, default=0, help="skip this many results (paging: --offset 20 for page 2)")
+    p.add_argument("--where", action="append", metavar="COND", default=[],
+                   help="metadata filter, repeatable (all must hold): subreddit=pics, 'width>=512', 'path=memes/*', "
+                        "'subreddit=pics|aww', 'date<2024-06-01'")
+    p.add_argument("--dedup-threshold", type=float, default=0.95,
+                   help="collapse near-duplicates at this cosine, keeping the best of each group (default 0.95)")
+    p.add_argument("--no-dedup", action="store_true", help="show near-duplicates as separate results")
+    p.add_argument("--export", metavar="FILE", help="also write the results to FILE (.csv or .json: paths, scores, features)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {id, score, path/url, ...}")
     p.add_argument("--bias", action="store_true", help="also print the demographic make-up of the results")
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from saefe.search.filters import Filter
+
+    where = Filter.parse(args.where)  # a bad condition fails before the index is opened
     engine = open_engine(args)
-    results = engine.search(terms_from_args(args), k=args.k, mode=args.mode)
+    page = engine.search_page(terms_from_args(args), k=args.k, mode=args.mode, offset=args.offset, where=where,
+                              dedup=None if args.no_dedup else args.dedup_threshold)
+    results = page.results
+    if args.export:
+        from saefe.search.export import export_results
+
+        print(f"wrote {export_results(engine, results, args.export, offset=args.offset)}", file=sys.stderr)
     if args.json:
         payload = [r.to_json() for r in results]
         if args.bias:
@@ -82,9 +99,14 @@ def run_search(args: argparse.Namespace) -> int:
         json.dump(payload, sys.stdout, indent=1)
         print()
         return 0
-    for rank, r in enumerate(results, 1):
-        where = r.metadata.get("path") or r.metadata.get("url") or ""
-        print(f"{rank:4d}  {r.score:+.4f}  id={r.id:<8d} {where}")
+    for rank, r in enumerate(results, args.offset + 1):
+        name = r.metadata.get("path") or r.metadata.get("url") or ""
+        dup = f"  (+{len(r.group) - 1} near-duplicates)" if r.group and len(r.group) > 1 else ""
+        print(f"{rank:4d}  {r.score:+.4f}  id={r.id:<8d} {name}{dup}")
+    if page.matching is not None:
+        print(f"filter {page.filter}: {page.matching} of {engine.n_total} images match")
+    if page.has_more:
+        print(f"more: --offset {args.offset + args.k}")
     if args.bias:
         rep = engine.bias(results)
         for attr, shares in rep.shares.items():
