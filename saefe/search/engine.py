@@ -97,7 +97,18 @@ class Engine:
         from saefe.labels.attributes import read_attributes
 
         attrs = read_attributes(store)
-        return cls(store, index, sae, profiles, attrs, model, clip_server, remote, Path(sae_dir) if sae_dir else None)
+        eng = cls(store, index, sae, profiles, attrs, model, clip_server, remote, Path(sae_dir) if sae_dir else None)
+        eng._open_args = dict(index_dir=index_dir, sae_dir=sae_dir, labels_dir=labels_dir, model=model,
+                              clip_server=clip_server, backend=backend)
+        return eng
+
+    def reopen(self) -> "Engine":
+        """A fresh Engine over the index's current generation, opened with the same arguments
+        (saefe.search.live swaps it in when a build updated the index)."""
+        args = getattr(self, "_open_args", None)
+        if args is None:
+            raise SaefeError("this engine was not made by Engine.open, so it cannot be reopened")
+        return type(self).open(**args)
 
     # -- basic facts ------------------------------------------------------------------------
     @property

@@ -43,6 +43,14 @@ class LiveEngine:
                    engine=engine)
         return live
 
+    @classmethod
+    def follow(cls, engine, check_every: float = CHECK_EVERY) -> "LiveEngine":
+        """Follow ``engine``'s index (reopened with the arguments it was opened with); an engine
+        not made by Engine.open, or one over a remote backend, stays as it is."""
+        if getattr(engine, "_open_args", None) is None or getattr(engine, "backend", None) is not None:
+            return cls.static(engine)
+        return cls(engine.reopen, engine.store.dir, check_every=check_every, engine=engine)
+
     def _manifest_stamp(self) -> tuple | None:
         try:
             st = os.stat(self.index_dir / "manifest.json")
