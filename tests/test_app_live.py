@@ -33,16 +33,17 @@ def live_app(tmp_path_factory, saefe_home):
 
 def test_api_pages_filters_and_groups(live_app):
     app, client, _ = live_app
-    whole = client.predict("Esteem", "direction", 12, 0, "", 0, api_name="/search")
-    p1 = client.predict("Esteem", "direction", 6, 0, "", 0, api_name="/search")
-    p2 = client.predict("Esteem", "direction", 6, 6, "", 0, api_name="/search")
+    whole = client.predict("Esteem", "direction", 12, 0, "", 0, api_name="/search_page")
+    p1 = client.predict("Esteem", "direction", 6, 0, "", 0, api_name="/search_page")
+    p2 = client.predict("Esteem", "direction", 6, 6, "", 0, api_name="/search_page")
     assert [r["id"] for r in p1["results"] + p2["results"]] == [r["id"] for r in whole["results"]]
     assert p1["has_more"] and p2["results"][0]["rank"] == 7
-    sub = client.predict("Esteem", "direction", 5, 0, "width>=64", 0.95, api_name="/search")
+    sub = client.predict("Esteem", "direction", 5, 0, "width>=64", 0.95, api_name="/search_page")
     assert sub["matching"] is not None and all(r["width"] >= 64 for r in sub["results"])
     assert all(r["group_size"] >= 1 for r in sub["results"])
     with pytest.raises(Exception, match="no metadata column"):
-        client.predict("Esteem", "direction", 5, 0, "colour=red", 0.95, api_name="/search")
+        client.predict("Esteem", "direction", 5, 0, "colour=red", 0.95, api_name="/search_page")
+    assert client.predict("Esteem", "direction", 5, api_name="/search")["results"][0]["group_size"] >= 1
 
 
 def test_more_button_and_export(live_app, tmp_path):

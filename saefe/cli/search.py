@@ -72,8 +72,9 @@ def search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--where", action="append", metavar="COND", default=[],
                    help="metadata filter, repeatable (all must hold): subreddit=pics, 'width>=512', 'path=memes/*', "
                         "'subreddit=pics|aww', 'date<2024-06-01'")
-    p.add_argument("--dedup-threshold", type=float, default=0.95,
-                   help="collapse near-duplicates at this cosine, keeping the best of each group (default 0.95)")
+    p.add_argument("--dedup-threshold", type=float, default=None,
+                   help="collapse near-duplicates at this cosine, keeping the best of each group "
+                        "(default: the index's setting, else 0.95)")
     p.add_argument("--no-dedup", action="store_true", help="show near-duplicates as separate results")
     p.add_argument("--export", metavar="FILE", help="also write the results to FILE (.csv or .json: paths, scores, features)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {id, score, path/url, ...}")
@@ -86,7 +87,8 @@ def run_search(args: argparse.Namespace) -> int:
     where = Filter.parse(args.where)  # a bad condition fails before the index is opened
     engine = open_engine(args)
     page = engine.search_page(terms_from_args(args), k=args.k, mode=args.mode, offset=args.offset, where=where,
-                              dedup=None if args.no_dedup else args.dedup_threshold)
+                              dedup=None if args.no_dedup else ("auto" if args.dedup_threshold is None
+                                                                else args.dedup_threshold))
     results = page.results
     if args.export:
         from saefe.search.export import export_results
@@ -106,7 +108,7 @@ def run_search(args: argparse.Namespace) -> int:
     if page.matching is not None:
         print(f"filter {page.filter}: {page.matching} of {engine.n_total} images match")
     if page.has_more:
-        print(f"more: --offset {args.offset + args.k}")
+        print(f"more: --offset {page.next_offset}")
     if args.bias:
         rep = engine.bias(results)
         for attr, shares in rep.shares.items():

@@ -48,8 +48,9 @@ def backend_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="port to listen on (0 picks a free one)")
     parser.add_argument("--max-k", type=int, default=_backend.MAX_K, help=f"most results per request (default {_backend.MAX_K})")
-    parser.add_argument("--dedup-threshold", type=float, default=0.95,
-                        help="collapse near-duplicates at this cosine by default (requests may override; 0: off)")
+    parser.add_argument("--dedup-threshold", type=float, default=None,
+                        help="collapse near-duplicates at this cosine by default (default: the index's setting, "
+                             "else 0.95; requests may override; 0: off)")
     parser.add_argument("--no-watch", action="store_true", help="do not reopen the index when a build updates it")
 
 
@@ -61,7 +62,7 @@ def run_backend(args) -> int:
 
     if args.max_k < 1:
         raise SaefeError(f"--max-k must be at least 1, got {args.max_k}")
-    dedup = check_threshold(args.dedup_threshold)
+    dedup = "auto" if args.dedup_threshold is None else check_threshold(args.dedup_threshold)
     live = LiveEngine(lambda: Engine.open(args.index, model=args.model, sae_dir=args.sae), args.index,
                       check_every=float("inf") if args.no_watch else 2.0)
     engine = live.engine

@@ -23,6 +23,7 @@ from saefe.manifest import read_json
 log = logging.getLogger(__name__)
 
 GEN_PREFIX = "gen-"
+STICKY = ("default_sae", "dedup_threshold")  # top-level manifest settings an update keeps
 EXTENDABLE = ("flat", "hnsw", "ivf", "ivf-sq8")  # FAISS kinds that take appended rows as they are
 
 
@@ -111,10 +112,11 @@ def switch_generation(out: Path, gen_dir: Path, manifest: dict[str, Any], g: int
             top["corpus_root_rel"] = str(Path(root).resolve().relative_to(out.resolve()))
         except ValueError:
             pass
-    if "default_sae" in current:  # set (perhaps meanwhile) on the top-level manifest
-        top["default_sae"] = current["default_sae"]
-    else:
-        top.pop("default_sae", None)
+    for key in STICKY:  # set (perhaps meanwhile) on the top-level manifest, not by the build
+        if key in current:
+            top[key] = current[key]
+        else:
+            top.pop(key, None)
     write_manifest(out, top)
     previous = current.get("data_dir") or "."
     _cleanup(out, keep={gen_dir.name, previous})

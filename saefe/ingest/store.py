@@ -274,6 +274,16 @@ def read_manifest(dir: str | os.PathLike) -> dict[str, Any] | None:
     return read_json(p) if p.exists() else None
 
 
+def set_manifest_setting(dir: str | os.PathLike, key: str, value: Any) -> None:
+    """Set one top-level setting (e.g. ``dedup_threshold``) on the manifest now on disk; an
+    update keeps it (saefe.ingest.generation.STICKY)."""
+    m = read_manifest(dir)
+    if m is None:
+        raise CorpusError(f"no index at {dir}")
+    m[key] = value
+    write_manifest(dir, m)
+
+
 def resolve_data_dir(dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> Path:
     """The folder holding the data files of the generation ``manifest`` (default: the one on disk
     now) points at. Pass the manifest you already read, so that every file comes from one generation."""

@@ -313,7 +313,7 @@ class Engine:
         return self._rank_arrays(ids[keep], ws[keep], k)
 
     def search_page(self, terms: Sequence[Term], k: int = 20, mode: str = "direction", offset: int = 0,
-                    where=None, dedup: float | None = 0.95):
+                    where=None, dedup: float | str | None = "auto"):
         """A page of results with filters, near-duplicate collapse and paging (saefe.search.query)."""
         from saefe.search.query import search_page
 

@@ -102,3 +102,15 @@ class LiveEngine:
     def status(self, changed: bool = False) -> dict[str, Any]:
         return {"generation": self.generation, "n_total": int(self._engine.n_total), "changed": changed,
                 "reloads": self.reloads, "error": self.last_error}
+
+
+def one_blas_thread_per_request() -> None:
+    """Servers run many small searches at once: give each one BLAS thread. A multi-threaded BLAS
+    wakes its pool for every tiny product (a 60 x 128 Gram matrix took 15 ms instead of 0.01 ms
+    on a busy 2-core host); parallelism comes from the concurrent requests instead."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # then the environment (OPENBLAS_NUM_THREADS=1) is the way
+        log.debug("threadpoolctl not installed; BLAS threads left as they are")
+        return
+    threadpool_limits(1, user_api="blas")

@@ -22,12 +22,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from saefe.errors import SaefeError, SteeringError
-from saefe.search.dedup import DEFAULT_THRESHOLD, check_threshold, group_near_duplicates
+from saefe.search.dedup import check_threshold, default_threshold, group_near_duplicates
 from saefe.search.filters import Filter, cached_mask
 
 log = logging.getLogger(__name__)
 
 MAX_WINDOW = 10_000  # offset + k (the engine's own cap on k)
+DEDUP_FETCH = 10  # collapsing fetches at most this many candidates per result wanted (then stops short)
 EXACT_SCAN_MAX = 20_000  # filtered direction search: scan the selected rows exactly up to this many
 
 
@@ -42,10 +43,15 @@ class Page:
     filter: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def next_offset(self) -> int:
+        """Where the next page starts (collapsing may return fewer than k from a crowded region)."""
+        return self.offset + len(self.results)
+
     def to_json(self) -> dict[str, Any]:
         return {"results": [r.to_json() for r in self.results], "offset": self.offset, "k": self.k,
-                "has_more": self.has_more, "matching": self.matching, "dedup_threshold": self.dedup_threshold,
-                "filter": self.filter}
+                "has_more": self.has_more, "next_offset": self.next_offset, "matching": self.matching,
+                "dedup_threshold": self.dedup_threshold, "filter": self.filter}
 
 
 def check_paging(k, offset) -> tuple[int, int]:
@@ -62,9 +68,16 @@ def check_paging(k, offset) -> tuple[int, int]:
     return k, offset
 
 
+def _threshold(engine, dedup) -> float | None:
+    """"auto": the index's own near-duplicate cosine; None / 0: off; else the number given."""
+    if isinstance(dedup, str) and dedup == "auto":
+        return default_threshold(getattr(engine, "store", None))
+    return check_threshold(dedup)
+
+
 def search_page(engine, terms: Sequence, k: int = 20, mode: str = "direction", offset: int = 0,
                 where: Filter | Sequence[str] | str | dict | None = None,
-                dedup: float | None = DEFAULT_THRESHOLD) -> Page:
+                dedup: float | str | None = "auto") -> Page:
     from saefe.search.types import MODES
 
     if mode not in MODES:
@@ -110,9 +123,9 @@ def _mask(engine, where) -> tuple[np.ndarray | None, str]:
 
 
 def search_vector_page(engine, vec: np.ndarray, k: int = 20, offset: int = 0, where=None,
-                       dedup: float | None = DEFAULT_THRESHOLD) -> Page:
+                       dedup: float | str | None = "auto") -> Page:
     k, offset = check_paging(k, offset)
-    thr = check_threshold(dedup)
+    thr = _threshold(engine, dedup)
     v = np.asarray(vec, dtype=np.float32).reshape(-1)
     if engine.backend is not None:  # remote: no stored vectors or metadata here; plain top-k
         if where:
@@ -133,11 +146,11 @@ def search_vector_page(engine, vec: np.ndarray, k: int = 20, offset: int = 0, wh
 
 
 def rank_features_page(engine, ids: np.ndarray, ws: np.ndarray, k: int = 20, offset: int = 0, where=None,
-                       dedup: float | None = DEFAULT_THRESHOLD) -> Page:
+                       dedup: float | str | None = "auto") -> Page:
     if engine.backend is not None:
         raise SaefeError("feature-space ranking needs the local index (not available with --backend)")
     k, offset = check_paging(k, offset)
-    thr = check_threshold(dedup)
+    thr = _threshold(engine, dedup)
     mask, desc = _mask(engine, where)
     ranker = engine.ranker
     fids, fws = ranker._validate(ids, ws)
@@ -157,23 +170,25 @@ def _paginate(engine, fetch: Callable[[int], tuple[np.ndarray, np.ndarray]], k: 
     if limit <= 0:
         return Page([], offset, k, False, matching, thr, desc)
     m = min(limit, need + 1 if thr is None else max(2 * need, need + 32))
+    cap = min(limit, MAX_WINDOW * 4, max(DEDUP_FETCH * need, 200))
     while True:
         ids, scores = fetch(m)
         keep = ids >= 0
         ids, scores = np.asarray(ids[keep], dtype=np.int64), np.asarray(scores[keep], dtype=np.float32)
-        exhausted = m >= min(limit, MAX_WINDOW * 4) or len(ids) < m
         if thr is None:
             results = engine._results(ids[offset:need], scores[offset:need])
             return Page(results, offset, k, len(ids) > need, matching, None, desc)
         groups = group_near_duplicates(engine.store.vectors_f32(ids), thr)
-        if len(groups.leaders) > need or exhausted:
+        if len(groups.leaders) > need or m >= cap or len(ids) < m:
             break
-        m = min(limit, MAX_WINDOW * 4, 2 * m)
+        m = min(cap, 2 * m)
     page = groups.leaders[offset:need]
     results = engine._results(ids[page], scores[page])
     for r, j in zip(results, range(offset, offset + len(page))):
         r.group = [int(x) for x in ids[groups.members[j]]]
-    return Page(results, offset, k, len(groups.leaders) > need, matching, thr, desc)
+    # more follows if another group is known, or candidates were left unfetched
+    more = len(groups.leaders) > need or (len(ids) >= m and m < limit)
+    return Page(results, offset, k, bool(more), matching, thr, desc)
 
 
 def _filtered_direction(engine, v: np.ndarray, m: int, mask: np.ndarray, sel: np.ndarray):

@@ -6,9 +6,10 @@
   L2-normalised, the terms are summed with their weights, the sum is L2-normalised and searched.
   Extensions (ignored by the original clients): ``"offset"`` (paging), ``"where"`` (metadata
   filters: ``{"subreddit": "pics", "width": {">=": 512}}`` or ``["path=memes/*"]``) and
-  ``"dedup_threshold"`` (near-duplicate collapse, default 0.95; 0 or false turns it off).
+  ``"dedup_threshold"`` (near-duplicate collapse; default the index's setting, else 0.95; 0 or
+  false turns it off).
   Reply ``{"matches": [[score, filename_or_url, sha256 or "", 0, [width, height] | null, null], ...],
-  "formats": [], "extensions": {}, "group_sizes": [...], "offset", "has_more"}``; a filename is
+  "formats": [], "extensions": {}, "group_sizes": [...], "offset", "has_more", "next_offset"}``; a filename is
   the image's path relative to the corpus root (or its URL), never a path on the server.
   A bad request (unknown term type, wrong dimension, bad base64, NaN, undecodable image, unknown
   predefined name, k above the cap, bad filter) gets 400 ``{"error": message}``.
@@ -77,7 +78,7 @@ class QueryPlanner:
     """Turns the JSON terms into one query vector with an engine; raises QueryError on bad input.
     ``live`` (saefe.search.live.LiveEngine) hands out the current engine of a reloadable index."""
 
-    def __init__(self, live, max_k: int = MAX_K, dedup_threshold: float | None = 0.95):
+    def __init__(self, live, max_k: int = MAX_K, dedup_threshold: float | str | None = "auto"):
         self.live = live
         self.max_k = int(max_k)
         self.dedup_threshold = dedup_threshold
@@ -106,11 +107,13 @@ class QueryPlanner:
             except FilterError as e:
                 raise QueryError(str(e)) from None
         dedup = body.get("dedup_threshold", self.dedup_threshold)
-        if dedup is False or dedup is None:
+        if dedup is False or dedup is None or dedup == 0:
             dedup = None
+        elif dedup == "auto":
+            pass
         elif isinstance(dedup, bool) or not isinstance(dedup, (int, float)) or not 0 <= dedup <= 1:
             raise QueryError(f"'dedup_threshold' must be a cosine in (0, 1], or 0 / false for off; got {dedup!r}")
-        return {"offset": offset, "where": where, "dedup": dedup or None}
+        return {"offset": offset, "where": where, "dedup": dedup}
 
     def parse(self, body) -> tuple[list[tuple[str, object, float]], int]:
         if not isinstance(body, dict):
@@ -212,6 +215,7 @@ class QueryPlanner:
 
                 page = search_vector_page(engine, q, k, opts["offset"], opts["where"], opts["dedup"])
                 results, has_more = page.results, page.has_more
+                nxt = page.next_offset
             else:  # anything else with search_vector (a remote or stand-in engine): plain paging
                 if opts["where"]:
                     raise QueryError("this server cannot filter (no local metadata)")
@@ -219,22 +223,26 @@ class QueryPlanner:
                 results = engine.search_vector(q, min(opts["offset"] + k + 1, n))
                 has_more = len(results) > opts["offset"] + k
                 results = results[opts["offset"]: opts["offset"] + k]
+                nxt = opts["offset"] + len(results)
         except RemoteError:
             raise  # the engine's own remote backend failed: a server-side error (500)
         except SaefeError as e:
             raise QueryError(str(e)) from None
         return {"matches": [_to_match(r) for r in results],
                 "group_sizes": [len(r.group) if getattr(r, "group", None) else 1 for r in results],
-                "offset": opts["offset"], "has_more": bool(has_more)}
+                "offset": opts["offset"], "has_more": bool(has_more), "next_offset": nxt}
 
 
-def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | None = 0.95):
+def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | str | None = "auto"):
     """An aiohttp app serving ``engine``: an Engine (or anything with the same attributes), or a
     saefe.search.live.LiveEngine that follows its index's updates."""
     from aiohttp import web
 
     from saefe.search.live import LiveEngine
 
+    from saefe.search.live import one_blas_thread_per_request
+
+    one_blas_thread_per_request()
     live = engine if isinstance(engine, LiveEngine) else LiveEngine.static(engine)
     planner = QueryPlanner(live, max_k, dedup_threshold)
     names_of: dict[int, list[str]] = {}

@@ -52,6 +52,9 @@ def allowed_paths(engine: Engine) -> list[str]:
 def launch(engine: Engine, host: str = "127.0.0.1", port: int | None = 7860, *, prevent_thread_lock: bool = False,
            quiet: bool = False, max_threads: int = 40):
     """Serve the app; returns the Blocks (launched) and its SaefeApp."""
+    from saefe.search.live import one_blas_thread_per_request
+
+    one_blas_thread_per_request()
     app, demo = create_app(engine)
     engine = app.engine
     # api_open: plain `POST /gradio_api/run/<name>` {"data": [...]} works too, besides the queue

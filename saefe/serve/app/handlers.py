@@ -31,7 +31,12 @@ from saefe.serve.app.views import image_ref as _image_ref, bias_json, bias_markd
 log = logging.getLogger("saefe.serve.app")
 
 DEFAULT_K = 20
-DEDUP = 0.95  # near-duplicate collapse threshold (cosine); 0 turns it off
+DEDUP = None  # API default for dedup_threshold: the index's own near-duplicate cosine; 0 turns it off
+
+
+def _dedup(threshold) -> float | str | None:
+    """API value -> search option: None = the index's own threshold, 0 = off, else the cosine."""
+    return "auto" if threshold is None else (threshold or None)
 
 
 class SaefeApp:
@@ -117,34 +122,41 @@ class SaefeApp:
             "index": str(e.store.dir),
         }
 
-    def api_search(self, query: str, mode: str = "direction", k: int = DEFAULT_K, offset: int = 0,
-                   where: str = "", dedup_threshold: float = DEDUP) -> dict:
-        """Search by a label, an expression ('Esteem - Male + Adult') or features JSON ({"12": 0.5}).
-        offset: paging; where: metadata filters ('subreddit=pics; width>=512; path=memes/*');
-        dedup_threshold: collapse near-duplicates at this cosine (0: off)."""
+    def api_search(self, query: str, mode: str = "direction", k: int = DEFAULT_K) -> dict:
+        """Search by a label, an expression ('Esteem - Male + Adult') or features JSON ({"12": 0.5});
+        near-duplicates collapsed (see /search_page for paging, filters and the threshold)."""
+        return self.api_search_page(query, mode, k)
+
+    def api_search_page(self, query: str, mode: str = "direction", k: int = DEFAULT_K, offset: int = 0,
+                        where: str = "", dedup_threshold: float | None = DEDUP) -> dict:
+        """/search with paging and filters. offset: results to skip; where: metadata conditions
+        ('subreddit=pics; width>=512; path=memes/*'); dedup_threshold: collapse near-duplicates at
+        this cosine (0: off). The reply says whether more results follow (has_more)."""
         e = self.engine
         term = parse_query(e, query)
         mode = self._check_mode(mode)
         page = e.search_page([term], k=k, mode=mode, offset=_parse_int(offset or 0, "offset"), where=where or None,
-                             dedup=dedup_threshold or None)
+                             dedup=_dedup(dedup_threshold))
         return self._page_json(e, page, query=query, kind=term.kind, mode=mode)
 
-    def api_search_text(self, text: str, k: int = DEFAULT_K, offset: int = 0, where: str = "",
-                        dedup_threshold: float = DEDUP) -> dict:
-        """Search by a text description (SigLIP text embedding)."""
+    def api_search_text(self, text: str, k: int = DEFAULT_K) -> dict:
+        """Search by a text description (SigLIP text embedding); near-duplicates collapsed."""
+        return self.api_search_text_page(text, k)
+
+    def api_search_text_page(self, text: str, k: int = DEFAULT_K, offset: int = 0, where: str = "",
+                             dedup_threshold: float | None = DEDUP) -> dict:
+        """/search_text with paging and filters (as /search_page)."""
         e = self.engine
         page = e.search_page([Term("text", text)], k=k, offset=_parse_int(offset or 0, "offset"), where=where or None,
-                             dedup=dedup_threshold or None)
+                             dedup=_dedup(dedup_threshold))
         return self._page_json(e, page, query=text, kind="text", mode="direction")
 
-    def api_search_image(self, image: str, k: int = DEFAULT_K, offset: int = 0, where: str = "",
-                         dedup_threshold: float = DEDUP) -> dict:
-        """Search by an image file (upload it with gradio_client.handle_file)."""
+    def api_search_image(self, image: str, k: int = DEFAULT_K) -> dict:
+        """Search by an image file (upload it with gradio_client.handle_file); duplicates collapsed."""
         if not image:
             raise SaefeError("no image given")
         e = self.engine
-        page = e.search_page([Term("image", _read_bytes(image))], k=k, offset=_parse_int(offset or 0, "offset"),
-                             where=where or None, dedup=dedup_threshold or None)
+        page = e.search_page([Term("image", _read_bytes(image))], k=k)
         return self._page_json(e, page, query=os.path.basename(str(image)), kind="image", mode="direction")
 
     def api_reload(self, force: bool = False) -> dict:
@@ -216,10 +228,10 @@ class SaefeApp:
         from saefe.search.filters import Filter
 
         Filter.parse(where or None)  # a malformed condition fails here, with its message
-        thr = float(threshold) if dedup_on else None
+        thr = (float(threshold) if threshold else "auto") if dedup_on else None
         return {"how": how, "k": int(k), "offset": 0, "where": (where or "").strip(), "dedup": thr, **query}
 
-    def _search_mix(self, prev, values, mode, k, where="", dedup_on=True, threshold=DEDUP):
+    def _search_mix(self, prev, values, mode, k, where="", dedup_on=True, threshold=None):
         mix = self.state.read(prev, values)
         mode = self._check_mode(mode)
         if mix.is_zero():
@@ -233,13 +245,13 @@ class SaefeApp:
             spec = self._spec("features", k, where, dedup_on, threshold, ids=ids.tolist(), ws=ws.tolist())
         return self._show(e, spec, vec, f"({mode} mode) — {mix_summary(mix)}", mix.to_dict())
 
-    def _search_text(self, text, k, where="", dedup_on=True, threshold=DEDUP):
+    def _search_text(self, text, k, where="", dedup_on=True, threshold=None):
         e = self.engine
         vec = e.embed_text(text)
         return self._show(e, self._spec("vector", k, where, dedup_on, threshold, vec=vec.tolist()), vec,
                           f"for text {text.strip()!r}")
 
-    def _search_image(self, image, k, where="", dedup_on=True, threshold=DEDUP):
+    def _search_image(self, image, k, where="", dedup_on=True, threshold=None):
         if not image:
             raise SaefeError("upload an image first")
         e = self.engine
@@ -259,7 +271,7 @@ class SaefeApp:
                                                for j in rows]))
         except SaefeError as err:
             bias = f"_bias: {err}_"
-        spec = {**spec, "msg": msg, "has_more": page.has_more}
+        spec = {**spec, "msg": msg, "has_more": page.has_more, "next_offset": page.next_offset}
         extra = (f"; filter {page.filter}: {page.matching} of {e.n_total} images match" if page.matching is not None else "")
         extra += "; near-duplicates collapsed" if page.dedup_threshold else ""
         more = " — press More for the next page" if page.has_more else ""
@@ -271,7 +283,7 @@ class SaefeApp:
             raise SaefeError("run a search first")
         if not spec.get("has_more"):
             raise SaefeError("no more results for this search")
-        nxt = {**spec, "offset": int(spec["offset"]) + int(spec["k"])}
+        nxt = {**spec, "offset": int(spec["next_offset"])}
         return self._show(self.engine, nxt, vec, spec.get("msg", ""), None, rows)
 
     def _export(self, rows):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from saefe.errors import SaefeError
+from saefe.search.dedup import default_threshold
 from saefe.serve.app.guard import api_safe, ui_safe
 from saefe.serve.app.state import SLIDER_STEP
 
@@ -35,7 +36,7 @@ def build_page(app: "SaefeApp") -> gr.Blocks:
             with gr.Column(scale=2, min_width=420):
                 _mix_column(app, c)
             with gr.Column(scale=3, min_width=520):
-                _results_column(c)
+                _results_column(app, c)
         _wire_mix(app, c)
         _wire_search(app, c)
         _wire_results(app, c)
@@ -95,7 +96,7 @@ def _mix_column(app: "SaefeApp", c: SimpleNamespace) -> None:
     c.slider_io = [*c.sliders, *c.cids, *c.cws]
 
 
-def _results_column(c: SimpleNamespace) -> None:
+def _results_column(app: "SaefeApp", c: SimpleNamespace) -> None:
     with gr.Row(equal_height=True):
         c.mode = gr.Radio(["direction", "features"], value="direction", label="Search mode",
                           info="direction: cosine to the mix's decoder direction; features: exact Σ w·a",
@@ -105,8 +106,8 @@ def _results_column(c: SimpleNamespace) -> None:
         c.where = gr.Textbox(label="Filter", placeholder="subreddit=pics; width>=512; path=memes/*", scale=4,
                              elem_id="where", info="metadata conditions, all must hold (= != >= <= > <, globs, a|b)")
         c.dedup = gr.Checkbox(True, label="Collapse near-duplicates", scale=1, elem_id="dedup")
-        c.dedup_thr = gr.Number(0.95, label="at cosine", minimum=0.5, maximum=1.0, step=0.01, scale=1, min_width=80,
-                                elem_id="dedup-thr")
+        c.dedup_thr = gr.Number(default_threshold(app.engine.store), label="at cosine", minimum=0.5, maximum=1.0,
+                                step=0.0005, scale=1, min_width=80, elem_id="dedup-thr")
     c.run_btn = gr.Button("Run Search", variant="primary", elem_id="run-btn")
     with gr.Accordion("Search by text or image", open=False, elem_id="other-search"):
         with gr.Row(equal_height=True):
@@ -224,7 +225,8 @@ def _register_api(app: "SaefeApp") -> None:
     """Named endpoints for gradio_client. They only read the index (a reload swaps the engine
     reference, it never changes one in use), so they run concurrently: a search costs a few
     milliseconds of our time, and a one-at-a-time queue made 20 clients wait seconds."""
-    for fn, name, limit in [(app.api_search, "search", READ_LIMIT), (app.api_search_text, "search_text", 8),
+    for fn, name, limit in [(app.api_search, "search", READ_LIMIT), (app.api_search_page, "search_page", READ_LIMIT),
+                            (app.api_search_text, "search_text", 8), (app.api_search_text_page, "search_text_page", 8),
                             (app.api_search_image, "search_image", 8),
                             (app.api_inspect_feature, "inspect_feature", READ_LIMIT),
                             (app.api_image_features, "image_features", READ_LIMIT), (app.api_bias, "bias", READ_LIMIT),
