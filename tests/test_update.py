@@ -216,7 +216,7 @@ def test_precomputed_update_diffs_rows_by_key(tmp_path):
 def test_force_rebuilds_everything_as_a_new_generation(corpus):
     root, out = corpus
     s = build_index(_cfg(root, out, force=True))
-    assert s.embedded_now == 40 and EmbeddingStore.open(out).generation == 1
+    assert s.embedded_now == 40 and EmbeddingStore.open(out).generation == 1 and s.update is None
 
 
 def test_sae_codes_and_per_image_labels_follow_the_update(corpus, demo_encoder):

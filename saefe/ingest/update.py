@@ -337,8 +337,11 @@ def finish_generation(cfg: BuildConfig, out: Path, old: EmbeddingStore, gen_dir:
     if note:
         notes["per-image labels"] = note
     top = switch_generation(out, gen_dir, manifest, g)
+    rebuilt = bool(cfg.force)
     s = summary_of(out, top, int(counts.get("embedded", 0)) if not resumed else 0, time.time() - t0,
-                   update={k: int(v) for k, v in counts.items() if k != "embedded"})
+                   update=None if rebuilt else {k: int(v) for k, v in counts.items() if k != "embedded"})
+    if rebuilt:
+        s.extras["rebuilt"] = f"every image re-embedded (--force) as generation {g}; the previous one served meanwhile"
     s.extras.update(notes)
     return s
 
