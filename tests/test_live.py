@@ -104,3 +104,11 @@ def test_search_cli_where_offset_export(tmp_path, capsys):
     assert [r["id"] for r in cats + more] == [r["id"] for r in run("--where", "path=cats/*", "--k", "6")]
     assert main(["search", "--index", str(out), "--image", img, "--where", "width"]) == 2
     assert "bad filter" in capsys.readouterr().err
+
+
+def test_backend_names_never_carry_server_paths():
+    from saefe.serve.backend_server import _relative
+
+    assert _relative("memes/a.jpg", "/srv/corpus") == "memes/a.jpg"
+    assert _relative("/srv/corpus/memes/a.jpg", "/srv/corpus") == "memes/a.jpg"
+    assert _relative("/elsewhere/cache/a.jpg", "/srv/corpus") == "a.jpg"

@@ -253,3 +253,25 @@ def test_sae_codes_and_per_image_labels_follow_the_update(corpus, demo_encoder):
     assert [int(v) for v in attrs["Happiness"]] == [truth[p] for p in new.metadata["path"]]
     eng = Engine.open(out)  # the default SAE and its stored codes open with the new generation
     assert eng.ranker.csc.shape[0] == 41 and eng.attributes is not None
+
+
+def test_dataset_update_reuses_vectors_by_content(tmp_path):
+    d = tmp_path / "ds" / "train"
+    d.mkdir(parents=True)
+    rows = []
+    for i in range(6):
+        _img(i).save(d / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "subreddit": "pics" if i % 2 else "aww"})
+    pd.DataFrame(rows).to_csv(d / "metadata.csv", index=False)
+    cfg = BuildConfig(dataset=str(tmp_path / "ds"), out=str(tmp_path / "o"), progress=False)
+    build_index(cfg)
+    again = build_index(cfg)
+    assert again.already_built and again.embedded_now == 0
+    _img(50).save(d / "50.png")
+    (d / "1.png").unlink()
+    rows = [r for r in rows if r["file_name"] != "1.png"] + [{"file_name": "50.png", "subreddit": "new"}]
+    pd.DataFrame(rows).to_csv(d / "metadata.csv", index=False)
+    s = build_index(cfg)
+    assert s.embedded_now == 1 and {k: s.update[k] for k in ("added", "removed")} == {"added": 1, "removed": 1}
+    store = EmbeddingStore.open(tmp_path / "o")
+    assert len(store) == 6 and "new" in set(store.metadata["subreddit"])

@@ -29,6 +29,7 @@ import base64
 import binascii
 import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,10 +60,22 @@ def _normalised(v: np.ndarray, what: str) -> np.ndarray:
     return v / n
 
 
-def _to_match(r) -> list:
+def _relative(path, root: str | None) -> str | None:
+    """A stored path as a client may see it: relative to the corpus root, never a server path."""
+    if not isinstance(path, str) or not path:
+        return None
+    if not os.path.isabs(path):
+        return path
+    if root and os.path.commonpath([os.path.abspath(path), root]) == root:
+        return os.path.relpath(path, root)
+    return os.path.basename(path)
+
+
+def _to_match(r, root: str | None = None) -> list:
     md = getattr(r, "metadata", None) or {}
     # a URL as is; else the path relative to the corpus root (a server path would leak its layout)
-    name = next((v for v in (md.get("url"), md.get("path")) if isinstance(v, str) and v), str(getattr(r, "id", "")))
+    url = md.get("url")
+    name = (url if isinstance(url, str) and url else None) or _relative(md.get("path"), root) or str(getattr(r, "id", ""))
     sha = md.get("sha256")
     w, h = md.get("width"), md.get("height")
     size = None
@@ -228,7 +241,9 @@ class QueryPlanner:
             raise  # the engine's own remote backend failed: a server-side error (500)
         except SaefeError as e:
             raise QueryError(str(e)) from None
-        return {"matches": [_to_match(r) for r in results],
+        store = getattr(engine, "store", None)
+        root = store._image_base() if hasattr(store, "_image_base") else None
+        return {"matches": [_to_match(r, root) for r in results],
                 "group_sizes": [len(r.group) if getattr(r, "group", None) else 1 for r in results],
                 "offset": opts["offset"], "has_more": bool(has_more), "next_offset": nxt}
 
