@@ -275,3 +275,18 @@ def test_dataset_update_reuses_vectors_by_content(tmp_path):
     assert s.embedded_now == 1 and {k: s.update[k] for k in ("added", "removed")} == {"added": 1, "removed": 1}
     store = EmbeddingStore.open(tmp_path / "o")
     assert len(store) == 6 and "new" in set(store.metadata["subreddit"])
+
+
+def test_update_killed_before_the_switch_finishes_without_embedding(corpus, monkeypatch):
+    root, out = corpus
+    _folder(root, [700, 701])
+    import saefe.ingest.generation as g
+
+    real = g.switch_generation
+    monkeypatch.setattr(g, "switch_generation", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        build_index(_cfg(root, out))
+    assert len(EmbeddingStore.open(out)) == 40  # not switched: the old generation serves
+    monkeypatch.setattr(g, "switch_generation", real)
+    s = build_index(_cfg(root, out))
+    assert s.embedded_now == 0 and s.update["added"] == 2 and len(EmbeddingStore.open(out)) == 42

@@ -37,7 +37,7 @@ from saefe.ingest.build import (SKIPPED, BuildConfig, BuildSummary, Item, _build
                                 clean_vectors, generation_manifest, summary_of)
 from saefe.ingest.corpus import FolderCorpus, ImageCorpus
 from saefe.ingest.models import canonical_model_id
-from saefe.ingest.store import METADATA, ChunkWriter, EmbeddingStore, _plain, read_manifest, write_manifest, write_store
+from saefe.ingest.store import METADATA, EmbeddingStore, _plain, read_manifest, write_manifest, write_store
 from saefe.manifest import EncoderInfo, read_json
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,6 @@ def _update_locked(cfg: BuildConfig, corpus: ImageCorpus, done: dict[str, Any], 
             s.skipped = dict(Counter(x["reason"] for x in gen.skips if x["reason"] != "duplicate"))
             return s
         base = generation_manifest(gen, view, gen_dir, _placeholder_index())
-        ChunkWriter(gen_dir, key).remove()
         return finish_generation(cfg, out, old, gen_dir, base, old_rows, counts, t0)
     return finish_generation(cfg, out, old, gen_dir, gm, None, gm.get("update", {}), t0, resumed=True)
 
@@ -324,7 +323,8 @@ def finish_generation(cfg: BuildConfig, out: Path, old: EmbeddingStore, gen_dir:
         for k in ("default_sae",):
             if k in old.manifest:
                 manifest[k] = str(Path("..") / old.manifest[k])
-        write_manifest(gen_dir, manifest)
+        write_manifest(gen_dir, manifest)  # the generation is complete: its chunks can go
+        shutil.rmtree(gen_dir / "chunks", ignore_errors=True)
     new = EmbeddingStore.open(gen_dir)
     remap = np.load(gen_dir / REMAP, allow_pickle=False)
     inv = np.full(len(new), -1, np.int64)
