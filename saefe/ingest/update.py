@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 GEN_PREFIX = "gen-"
 REMAP = "remap.npy"
 INTERNAL = ("_old_row", "_embedded")
+UPDATE_KEYS = ("added", "changed", "removed", "unchanged")
 NO_RETRY = ("unreadable", "changed while being read", "kept the previous version")
 
 
@@ -339,7 +340,8 @@ def finish_generation(cfg: BuildConfig, out: Path, old: EmbeddingStore, gen_dir:
     top = switch_generation(out, gen_dir, manifest, g)
     rebuilt = bool(cfg.force)
     s = summary_of(out, top, int(counts.get("embedded", 0)) if not resumed else 0, time.time() - t0,
-                   update=None if rebuilt else {k: int(v) for k, v in counts.items() if k != "embedded"})
+                   update=None if rebuilt else {**{k: int(v) for k, v in counts.items() if k in UPDATE_KEYS},
+                                                "generation": g})
     if rebuilt:
         s.extras["rebuilt"] = f"every image re-embedded (--force) as generation {g}; the previous one served meanwhile"
     s.extras.update(notes)
