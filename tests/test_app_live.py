@@ -50,7 +50,7 @@ def test_more_button_and_export(live_app, tmp_path):
     app, _, _ = live_app
     prev, values = {}, [0.0] * (len(app.state.slots) + 2 * app.state.n_custom)
     values[:len(app.state.slots)] = [0.5] * len(app.state.slots)
-    out = app._search_mix(prev, values, "direction", 5, "", True, 0.95)
+    out = app._search_mix(prev, values, "direction", 5, where="", dedup_on=True, threshold=0.95)
     rows, vec, spec = out[1], out[2], out[6]
     assert len(rows) == 5 and spec["has_more"]
     more = app._more(spec, rows, vec)

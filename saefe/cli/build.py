@@ -33,6 +33,8 @@ def build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-speedup", type=float, default=_build.IndexConfig.min_speedup,
                    help="auto keeps an approximate index only if this much faster than exact search (measured)")
     p.add_argument("--chunk-size", type=int, default=1024, help="images per committed chunk")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="threads reading, decoding and pre-processing ahead of the model (default: one per core)")
     p.add_argument("--force", action="store_true",
                    help="re-embed everything (default on an existing index: update it, embedding only new and changed images)")
     p.add_argument("--no-progress", action="store_true")
@@ -69,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> _build.BuildConfig:
         index=_build.IndexConfig(kind=args.index_type, flat_max=args.flat_max, nprobe=args.nprobe, target_recall=args.target_recall,
                                  max_memory=parse_bytes(args.max_index_memory), min_speedup=args.min_speedup),
         chunk_size=args.chunk_size,
+        loader_workers=args.loader_workers,
         force=args.force,
         progress=not args.no_progress,
     )

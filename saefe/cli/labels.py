@@ -25,6 +25,20 @@ def labels_arguments(parser) -> None:
     parser.add_argument("--model", help="--texts: text encoder (default: the index's model; 'demo' = tiny model)")
     parser.add_argument("--vad-high", type=float, default=7.0, help="Valence/Arousal/Dominance >= this: '<X> high'")
     parser.add_argument("--vad-low", type=float, default=3.0, help="Valence/Arousal/Dominance <= this: '<X> low'")
+    parser.add_argument("--no-probes", action="store_true",
+                        help="skip the demographic probes and feature-attribute associations (used by --debias, audit)")
+
+
+def _bias_models(store, sae, sae_dir, out: Path) -> None:
+    from saefe.analysis.audit import FEATURE_BIAS, fit_bias_models
+    from saefe.labels.attributes import read_attributes
+    from saefe.labels.probes import PROBES_FILE, probe_summary
+
+    probes, assoc = fit_bias_models(store, sae, sae_dir, read_attributes(store), out)
+    if probes is not None:
+        print(f"demographic probes: {probe_summary(probes)} -> {out / PROBES_FILE}")
+    if assoc:
+        print(f"feature-attribute associations ({', '.join(assoc)}) -> {out / FEATURE_BIAS}")
 
 
 def _format_table(profiles: _labels.LabelProfiles, n_feats: int = 5) -> str:
@@ -73,6 +87,8 @@ def run_labels(args) -> int:
     if args.annotations or args.folders:  # per-image labels: ground truth for bias and evaluation
         params = {"vad_high": args.vad_high, "vad_low": args.vad_low} if args.annotations else {}
         print(f"wrote {write_attributes(store, membership, **params)}")
+        if not args.no_probes:
+            _bias_models(store, sae, args.sae, out)
     if not store.manifest.get("default_sae"):
         set_default_sae(store, Path(args.sae))
     print(_format_table(profiles))

@@ -26,14 +26,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("saefe.cli.inspect:inspect", "show a feature's top/bottom images, frequency and labels"),
     "saliency": ("saefe.cli.analysis:saliency", "SmoothGrad heat map of a feature or mix on an image"),
     "evaluate": ("saefe.cli.analysis:evaluate", "label AP/mAP of probes and zero-shot; bias of a search"),
+    "audit": ("saefe.cli.audit:audit", "a label's top features and how each is tied to a protected attribute"),
     "app": ("saefe.cli.app:app", "serve the Gradio configuration tool (same as python app_gradio.py)"),
     "serve-clip": ("saefe.cli.serve:clip", "serve the encoder over the clip_server protocol"),
     "serve-backend": ("saefe.cli.serve:backend", "serve the index over the meme-search-engine API"),
 }
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(verbose: bool = False) -> None:
+    """transformers' notices and progress bars are noise in normal output; ``-v`` shows them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        return
     try:
         import transformers
 
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if pre.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    _quiet_libraries()
+    _quiet_libraries(pre.verbose)
     from saefe.errors import SaefeError
 
     try:

@@ -13,7 +13,6 @@ keeps a whole index).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -26,9 +25,10 @@ import numpy as np
 import pandas as pd
 
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
-from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, ItemChanged, read_precomputed
-from saefe.ingest.images import BadImage, decode_image
+from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, read_precomputed
+from saefe.ingest.cost import CostEstimate, format_rate
 from saefe.ingest.index import KINDS, IndexConfig, VectorIndex
+from saefe.ingest.loader import REUSE, ChunkLoader
 from saefe.ingest.models import canonical_model_id
 from saefe.ingest.store import ChunkWriter, read_manifest, write_manifest, write_store
 from saefe.manifest import FORMAT_VERSION, EncoderInfo
@@ -55,6 +55,7 @@ class BuildConfig:
     device: str | None = None
     index: IndexConfig = field(default_factory=IndexConfig)
     chunk_size: int = 1024
+    loader_workers: int = 0  # threads that read/decode/pre-process ahead of the model (0: one per core)
     force: bool = False
     progress: bool = True
 
@@ -72,13 +73,17 @@ class BuildSummary:
     extras: dict[str, str] = field(default_factory=dict)
     update: dict[str, int] | None = None  # added / changed / removed / unchanged (an update)
     index_note: str = ""  # how the index type was chosen (measured recall, speed-up, memory)
+    # Wall time of the embedding loop alone (decode + model), without model load and index build:
+    # what the images/s figure is computed from.
+    embed_seconds: float = 0.0
 
     def lines(self) -> list[str]:
-        rate = self.embedded_now / self.seconds if self.seconds > 0 else 0.0
+        done = f"embedded this run: {self.embedded_now} in {self.seconds:.1f}s"
+        if self.embedded_now and self.embed_seconds > 0:
+            done += f" ({format_rate(self.embedded_now / self.embed_seconds)} img/s while embedding)"
         out = [
             f"index: {self.out}  ({self.count} images, index type {self.index_type})",
-            f"embedded this run: {self.embedded_now} in {self.seconds:.1f}s ({rate:.0f} img/s)"
-            + ("  [already complete]" if self.already_built else ""),
+            done + ("  [already complete]" if self.already_built else ""),
         ]
         if self.update is not None:
             u = self.update
@@ -112,46 +117,6 @@ def _build_key(cfg: BuildConfig, corpus: ImageCorpus) -> dict[str, Any]:
     }
 
 
-@dataclass
-class Item:
-    """One corpus item after loading: a decoded image to embed, or an old row to reuse, or a skip."""
-
-    i: int
-    img: Any
-    meta: dict[str, Any]
-    skip: str | None
-    reuse: int = -1  # old row whose vector this item takes (an update; no embedding)
-
-
-def _load_item(corpus: ImageCorpus, i: int, plan=None) -> Item:
-    """Read + hash + decode one item off the main thread. ``plan`` (an update's ReusePlan) answers
-    items it already knows: unchanged by size+mtime (not read at all) or by content hash."""
-    if plan is not None:
-        early = plan.before_read(i)
-        if early is not None:
-            return early
-    try:
-        data, meta = corpus.read(i)
-    except ItemChanged as e:
-        return (plan.on_read_error(i, "changed while being read") if plan else None) or \
-            Item(i, None, {"key": corpus.key(i)}, "changed while being read")
-    except OSError as e:
-        reason = f"unreadable ({e.strerror or type(e).__name__})"
-        return (plan.on_read_error(i, reason) if plan else None) or Item(i, None, {"key": corpus.key(i)}, reason)
-    meta = dict(meta)
-    meta["sha256"] = hashlib.sha256(data).hexdigest()
-    if plan is not None:
-        known = plan.after_hash(i, meta)
-        if known is not None:
-            return known
-    try:
-        img = decode_image(data)
-    except BadImage as e:
-        return Item(i, None, meta, str(e))
-    meta["width"], meta["height"] = img.size
-    return Item(i, img, meta, None)
-
-
 def _item_key(meta: dict[str, Any], i: int) -> str:
     return str(meta.get("path") or meta.get("url") or meta.get("key") or i)
 
@@ -182,7 +147,7 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
     manifest = generation_manifest(gen, corpus, out, vi)
     write_manifest(out, manifest)
     ChunkWriter(out, gen.key).remove()
-    return summary_of(out, manifest, gen.embedded, time.time() - t0)
+    return summary_of(out, manifest, gen.embedded, time.time() - t0, embed_seconds=gen.embed_seconds)
 
 
 @dataclass
@@ -194,6 +159,7 @@ class Generation:
     skips: list[dict[str, Any]]
     embedded: int
     info: EncoderInfo
+    embed_seconds: float = 0.0
 
 
 def build_generation(cfg: BuildConfig, out: Path, corpus: ImageCorpus, key: dict[str, Any], plan=None,
@@ -214,9 +180,11 @@ def build_generation(cfg: BuildConfig, out: Path, corpus: ImageCorpus, key: dict
         if committed[cid].count:
             seen.update(writer.metadata(cid)["sha256"].tolist())
     embedder = _Embedder(cfg, out, known_info)
-    if plan is None and todo:
+    if todo and (plan is None or plan.may_embed()):  # else loaded only if an item needs it after all
         embedder.load()
+    t_embed = time.time()
     embedded = _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder, plan) if todo else 0
+    embed_s = time.time() - t_embed
     info = embedder.info()
     total, skips = writer.finalise(info, {})
     if total == 0:
@@ -225,7 +193,7 @@ def build_generation(cfg: BuildConfig, out: Path, corpus: ImageCorpus, key: dict
     skipped = pd.DataFrame([{c: s.get(c) for c in cols} for s in skips], columns=cols).astype(
         {"item": str, "reason": str, "file_size": "Int64", "mtime_ns": "Int64", "sha256": object})
     skipped.to_parquet(out / SKIPPED, index=False)
-    return Generation(key, int(total), skips, embedded, info)
+    return Generation(key, int(total), skips, embedded, info, embed_s if embedded else 0.0)
 
 
 def generation_manifest(gen: Generation, corpus: ImageCorpus, out: Path, vi: VectorIndex) -> dict[str, Any]:
@@ -289,81 +257,83 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder: _Embedde
     done_items = sum(min(cfg.chunk_size, n - c * cfg.chunk_size) for c in committed)
     bar = tqdm(total=n, initial=done_items, unit="img", desc="embedding", disable=not cfg.progress, smoothing=0.1)
     embedded = 0
+    encoder = embedder.encoder
+    to_embed = n - done_items if plan is None else plan.estimated_embeds()
+    cost = CostEstimate(images=to_embed, device=getattr(encoder, "device", None), remote=bool(cfg.clip_server))
+
+    # A local SigLIP's processor runs in the loader threads too, so on a GPU the (PIL-bound)
+    # pre-processing of chunk i+1 overlaps the model's work on chunk i.
+    preprocess = getattr(encoder, "preprocess_cpu", None)
 
     def load_chunk(pool, cid):
-        lo, hi = cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size)
-        items = list(pool.map(lambda i: _load_item(corpus, i, plan), range(lo, hi)))
-        # A local SigLIP's processor runs in the loader thread too, so on a GPU the (PIL-bound,
-        # single-threaded) pre-processing of chunk i+1 overlaps the model's work on chunk i.
-        preprocess = getattr(embedder.encoder, "preprocess_cpu", None)
-        good = [it.img for it in items if it.img is not None]
-        px = preprocess(good) if (preprocess is not None and good) else None
-        return items, px
+        return pool.load(cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size))
 
-    with ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as prefetch:
+    draft = tuple(encoder.info.image_size) if (preprocess is not None and encoder.info.image_size) else None
+    with ChunkLoader(corpus, preprocess, draft, cfg.loader_workers, plan) as pool, \
+            ThreadPoolExecutor(max_workers=1) as prefetch:
         future = prefetch.submit(load_chunk, pool, todo[0])
         for j, cid in enumerate(todo):
             items, px = future.result()
             if j + 1 < len(todo):  # decode the next chunk while this one is embedded
                 future = prefetch.submit(load_chunk, pool, todo[j + 1])
             accepted, skipped, keep = [], [], []
-            for it in items:
-                reason = it.skip
-                sha = it.meta.get("sha256")
+            for i, img, meta, reason in items:
+                reuse = int(meta.pop(REUSE, -1))
+                stale = meta.pop("_kept_stale", None)
+                sha = meta.get("sha256")
                 if reason is None and sha in seen:
                     reason = "duplicate"
-                if it.img is not None:  # one flag per decoded image, aligned with ``px``
+                if img is not None:  # one flag per decoded image, aligned with ``px``
                     keep.append(reason is None)
                 if reason is not None:
-                    rec = {"item": _item_key(it.meta, it.i), "reason": reason}
+                    rec = {"item": _item_key(meta, i), "reason": reason}
                     keys = ("file_size", "mtime_ns", "sha256") if reason == "duplicate" else ("file_size", "mtime_ns")
-                    rec.update({k: it.meta[k] for k in keys if it.meta.get(k) is not None})
+                    rec.update({k: meta[k] for k in keys if meta.get(k) is not None})
                     skipped.append(rec)
                     if reason != "duplicate":
                         log.warning("skipped %s: %s", rec["item"], reason)
                     continue
-                if it.skip is None and it.meta.get("_kept_stale"):
-                    skipped.append({"item": _item_key(it.meta, it.i), "reason": it.meta["_kept_stale"]})
+                if stale:
+                    skipped.append({"item": _item_key(meta, i), "reason": stale})
                 seen.add(sha)
-                accepted.append(it)
-            vecs = _vectors_for(accepted, px, keep, embedder, plan)
+                accepted.append((i, img, meta, reuse))
+            vecs = _vectors_for(accepted, px, keep, embedder, plan, cost)
             metas = []
-            for it, fresh in zip(accepted, (it.reuse < 0 for it in accepted)):
-                m = {k: v for k, v in it.meta.items() if k != "_kept_stale"}
+            for i, _, meta, reuse in accepted:
                 if plan is not None:
-                    m["_old_row"] = plan.identity_row(it.i, m)
-                    m["_embedded"] = fresh
-                metas.append(m)
+                    meta["_old_row"] = plan.identity_row(i, meta)
+                    meta["_embedded"] = reuse < 0
+                metas.append(meta)
             writer.commit(cid, vecs, pd.DataFrame(metas), skipped)
-            embedded += sum(it.reuse < 0 for it in accepted)
+            embedded += sum(a[3] < 0 for a in accepted)
             bar.update(len(items))
     bar.close()
     return embedded
 
 
-def _vectors_for(accepted: list[Item], px, keep: list[bool], embedder: _Embedder, plan) -> np.ndarray:
-    """Rows for the accepted items: copied from the old generation, or embedded now."""
-    fresh = [it for it in accepted if it.reuse < 0]
-    dim = None
+def _vectors_for(accepted: list, px, keep: list[bool], embedder: _Embedder, plan, cost: CostEstimate) -> np.ndarray:
+    """Rows for the accepted (i, image, meta, reuse) items: copied from the old generation
+    (``reuse`` >= 0), or embedded now."""
+    fresh = [img for _, img, _, reuse in accepted if reuse < 0]
     new = None
     if fresh:
         enc = embedder.load()
-        dim = enc.info.embedding_dim
         if px is not None:
             import torch
 
-            new = enc.embed_pixels(px[torch.tensor(keep)])
+            new = enc.embed_pixels(px[torch.tensor(keep)], on_batch=cost.observe)
         else:
-            new = enc.embed_images([it.img for it in fresh])
-        if new.shape[1] != dim:
-            raise IncompatibleError(f"encoder returned dimension {new.shape[1]}, expected {dim}")
-    if dim is None:
-        dim = plan.dim if plan is not None else embedder.info().embedding_dim
+            t_chunk = time.perf_counter()
+            new = enc.embed_images(fresh)
+            cost.observe(len(fresh), time.perf_counter() - t_chunk)
+        if new.shape[1] != enc.info.embedding_dim:
+            raise IncompatibleError(f"encoder returned dimension {new.shape[1]}, expected {enc.info.embedding_dim}")
+    dim = new.shape[1] if new is not None else (plan.dim if plan is not None else embedder.info().embedding_dim)
     vecs = np.zeros((len(accepted), dim), np.float32)
     j = 0
-    for r, it in enumerate(accepted):
-        if it.reuse >= 0:
-            vecs[r] = plan.vector(it.reuse)
+    for r, (_, _, _, reuse) in enumerate(accepted):
+        if reuse >= 0:
+            vecs[r] = plan.vector(reuse)
         else:
             vecs[r] = new[j]
             j += 1
@@ -392,7 +362,7 @@ def _reasons(skips: list[dict[str, str]]) -> str:
 
 
 def summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: bool = False,
-               update: dict[str, int] | None = None) -> BuildSummary:
+               update: dict[str, int] | None = None, embed_seconds: float = 0.0) -> BuildSummary:
     return BuildSummary(
         out=str(out),
         count=int(manifest["count"]),
@@ -404,6 +374,7 @@ def summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: b
         already_built=already,
         update=update,
         index_note=str((manifest.get("index_params") or {}).get("choice", "")),
+        embed_seconds=embed_seconds,
     )
 
 

@@ -34,7 +34,7 @@ CHUNKS = "chunks"
 # Everything one generation owns (what an update writes into gen-NNNNNN/ and later deletes). An
 # index kind that keeps extra files beside index.faiss (on-disk inverted lists) adds them here.
 DATA_FILES = (VECTORS, METADATA, "index.faiss", "index.json", "attributes.parquet", "attributes.json",
-              "skipped.parquet", "remap.npy", "codes")
+              "skipped.parquet", "remap.npy", "codes", "estimated_demographics.parquet")
 
 
 class EmbeddingStore:

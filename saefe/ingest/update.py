@@ -33,8 +33,9 @@ import numpy as np
 import pandas as pd
 
 from saefe.errors import CorpusError, IncompatibleError
-from saefe.ingest.build import (SKIPPED, BuildConfig, BuildSummary, Item, _build_key, build_generation,
-                                clean_vectors, generation_manifest, summary_of)
+from saefe.ingest.build import (SKIPPED, BuildConfig, BuildSummary, _build_key, build_generation, clean_vectors,
+                                generation_manifest, summary_of)
+from saefe.ingest.loader import REUSE, Item
 from saefe.ingest.corpus import FolderCorpus, ImageCorpus
 from saefe.ingest.models import canonical_model_id
 from saefe.ingest.store import METADATA, EmbeddingStore, _plain, read_manifest, write_manifest, write_store
@@ -101,18 +102,29 @@ class ReusePlan:
         r = int(self.old_rows[i])
         st = self.stats[i]
         if r >= 0 and st is not None and st == self._stat(r):
-            return Item(i, None, self.old_meta(r), None, r)
+            return i, None, {**self.old_meta(r), REUSE: r}, None
         rec = self.skip_again.get(i)
         if rec is not None and st is not None and st == (rec["file_size"], rec["mtime_ns"]):
             meta = {"path": rec["item"], "file_size": st[0], "mtime_ns": st[1]}
             if rec["reason"] != "duplicate":
-                return Item(i, None, meta, rec["reason"])
+                return i, None, meta, rec["reason"]
             if rec.get("sha256") in self.sha_rows:  # a duplicate: still one if its twin is kept
                 meta["sha256"] = rec["sha256"]
                 r = self.sha_rows[rec["sha256"]]
                 meta.update(width=self.old_meta(r).get("width"), height=self.old_meta(r).get("height"))
-                return Item(i, None, meta, None, r)
+                return i, None, {**meta, REUSE: r}, None
         return None
+
+    def may_embed(self) -> bool:
+        """Whether some item may need the encoder (then it is loaded up front, with its
+        pre-processing in the loader threads); False when every item is answered from the index."""
+        return self.estimated_embeds() > 0
+
+    def estimated_embeds(self) -> int:
+        """Items the plan cannot answer without reading them (at most what gets embedded)."""
+        if not self.by_path:
+            return len(self.old_rows)
+        return sum(self.before_read(i) is None for i in range(len(self.old_rows)))
 
     def on_read_error(self, i: int, reason: str) -> Item | None:
         """A stored item that cannot be read now keeps its old row (and old size/mtime, so the
@@ -123,7 +135,8 @@ class ReusePlan:
         log.warning("%s: %s; keeping the indexed version", self.old.metadata["path"].iat[r], reason)
         meta = self.old_meta(r)
         meta["_kept_stale"] = f"kept the previous version ({reason})"
-        return Item(i, None, meta, None, r)
+        meta[REUSE] = r
+        return i, None, meta, None
 
     def after_hash(self, i: int, meta: dict[str, Any]) -> Item | None:
         r = self.sha_rows.get(meta["sha256"])
@@ -131,7 +144,8 @@ class ReusePlan:
             return None
         old = self.old_meta(r)
         meta["width"], meta["height"] = old.get("width"), old.get("height")
-        return Item(i, None, meta, None, r)
+        meta[REUSE] = r
+        return i, None, meta, None
 
     def identity_row(self, i: int, meta: dict[str, Any]) -> int:
         if self.by_path:
@@ -141,13 +155,8 @@ class ReusePlan:
     def nothing_to_do(self) -> bool:
         if self.removed or not self.by_path:
             return False
-        for i, r in enumerate(self.old_rows):
-            it = self.before_read(i)
-            if it is None:
-                return False
-            if r < 0 and it.skip is None:  # a duplicate whose twin is kept: skipped again
-                continue
-        return True
+        # every item answered without reading: kept rows, bad files and duplicates as they were
+        return all(self.before_read(i) is not None for i in range(len(self.old_rows)))
 
 
 def _read_skips(data: Path) -> dict[str, dict[str, Any]]:

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 ATTRIBUTES = "attributes.parquet"
 ATTRIBUTES_SOURCE = "attributes.json"
 
+# Protected attribute -> its groups, in the EMOTIC annotations' terms (one 0/1 column per group).
+DEMOGRAPHICS: dict[str, list[str]] = {"gender": ["Male", "Female"], "age": ["Kid", "Teenager", "Adult"]}
+
 
 def write_attributes(store: EmbeddingStore, membership, **params: Any) -> Path:
     """Write the 0/1 label table; ``params`` (e.g. vad_high / vad_low) are kept with its source."""

@@ -287,10 +287,16 @@ class Engine:
         top, scores = self.ranker.rank(ids, ws, k)
         return self._results(top, scores)
 
-    def search(self, terms: Sequence[Term], k: int = 20, mode: str = "direction") -> list[SearchResult]:
+    def search(self, terms: Sequence[Term], k: int = 20, mode: str = "direction", debias=None) -> list[SearchResult]:
+        """Top-k for ``terms``; ``debias`` (a saefe.search.debias.DebiasConfig) attenuates bias and
+        returns a list that also carries ``.info``."""
         if mode not in MODES:
             raise SaefeError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
         k = _check_k(k)
+        if debias is not None:
+            from saefe.search.debias import debiased_search
+
+            return debiased_search(self, terms, k, mode, debias)
         if mode == "direction":
             return self.search_vector(self.query_vector(terms), k)
         if not terms:
@@ -370,12 +376,22 @@ class Engine:
             labels = [(ls.label, float(ls.score)) for ls in self.profiles.labels_for_feature(j)]
         return FeatureReport(j, freq, self._results(i_top[0], s_top[0] + b), self._results(i_bot[0], -s_bot[0] + b), labels)
 
-    def bias(self, results: Sequence[SearchResult]):
-        from saefe.search.bias import measure_bias
+    @cached_property
+    def demographics(self):
+        """Per-image groups of the protected attributes: labels where they exist, probe estimates elsewhere."""
+        from saefe.labels.estimates import load_demographics
 
-        if self.attributes is None:
-            raise SaefeError(f"no per-image demographic labels for {self.store.dir} ({ATTRIBUTES}); build labels from annotations")
-        return measure_bias(np.array([r.id for r in results], dtype=np.int64), self.attributes)
+        return load_demographics(self.store, self.attributes, self.profiles, self.sae, self.sae_dir)
+
+    def bias(self, results: Sequence[SearchResult]):
+        """The results' demographic make-up (BiasReport; ``.by_attribute()`` is the JSON shape)."""
+        from saefe.search.bias import measure_demographics
+        from saefe.search.debias import local_ids
+
+        if not self.demographics.attributes:
+            raise SaefeError(f"no per-image demographic labels for {self.store.dir} ({ATTRIBUTES}) and no probes to "
+                             "estimate them; run `saefe labels --annotations` (probes are fit there)")
+        return measure_demographics(local_ids(self, results), self.demographics)
 
 
 def _check_k(k) -> int:

@@ -13,6 +13,14 @@
   the image's path relative to the corpus root (or its URL), never a path on the server.
   A bad request (unknown term type, wrong dimension, bad base64, NaN, undecodable image, unknown
   predefined name, k above the cap, bad filter) gets 400 ``{"error": message}``.
+- Optional ``"debias": {"method": "rerank" | "ablate" | "project" | "ablate+rerank"..., "protect":
+  "gender" | ["gender", "age"], "target": "corpus" | "parity" | "Male=0.5,Female=0.5", "pool": int}``
+  (an extension; meme-search-engine clients never send it): ``project`` and ``rerank`` act on the
+  query vector and the ranked list as in ``saefe search --debias``; ``ablate`` acts on
+  ``predefined_embedding`` terms (label mixes) and leaves other terms as they are. The reply then
+  also has ``"debias": {...}`` saying what was done, which groups are estimates, and whether the
+  target shares were met. A bad debias request (unknown method, an attribute with no labels and
+  no probe) is a 400. Debiased lists are not paged, filtered or collapsed.
 - ``GET /`` -> ``{"n_total", "predefined_embedding_names", "d_emb"}``; ``GET /metrics`` Prometheus text.
 - ``POST /reload`` -> ``{"generation", "n_total", "changed", "error"}``: reopen the index now if it
   changed (``{"force": true}``: always). The server also notices a new generation on its own
@@ -128,6 +136,25 @@ class QueryPlanner:
             raise QueryError(f"'dedup_threshold' must be a cosine in (0, 1], or 0 / false for off; got {dedup!r}")
         return {"offset": offset, "where": where, "dedup": dedup}
 
+    def parse_debias(self, body):
+        """The optional ``debias`` member as a DebiasConfig (None when absent)."""
+        spec = body.get("debias") if isinstance(body, dict) else None
+        if spec is None:
+            return None
+        from saefe.errors import SaefeError
+        from saefe.search.debias import DebiasConfig
+
+        if not isinstance(spec, dict):
+            raise QueryError("'debias' must be an object like {\"method\": \"rerank\", \"protect\": \"gender\"}")
+        pool = spec.get("pool")
+        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int)):
+            raise QueryError(f"debias 'pool' must be an integer, got {pool!r}")
+        try:
+            return DebiasConfig.parse(spec.get("method"), spec.get("protect"), spec.get("target") or "corpus",
+                                      pool=pool)
+        except SaefeError as e:
+            raise QueryError(f"debias: {e}") from None
+
     def parse(self, body) -> tuple[list[tuple[str, object, float]], int]:
         if not isinstance(body, dict):
             raise QueryError("request must be a JSON object with 'terms'")
@@ -190,8 +217,9 @@ class QueryPlanner:
             raise QueryError(f"term {i}: unknown predefined_embedding {value!r} (available: {names})")
         return value
 
-    def query_vector(self, parsed, engine=None) -> np.ndarray:
-        """Blocking: embeds text/image terms through the engine."""
+    def query_vector(self, parsed, engine=None, flagged=None) -> np.ndarray:
+        """Blocking: embeds text/image terms through the engine (``flagged``: features that ablate
+        removes from predefined label mixes)."""
         from saefe.errors import SaefeError
 
         engine = engine or self.engine
@@ -204,6 +232,10 @@ class QueryPlanner:
                     v = engine.embed_text(value)
                 elif kind == "image":
                     v = engine.embed_image_bytes(value)
+                elif flagged is not None:
+                    from saefe.search.debias import ablated_direction
+
+                    v = ablated_direction(engine, value, flagged)
                 else:
                     v = engine.predefined[value]
             except SaefeError as e:
@@ -215,25 +247,41 @@ class QueryPlanner:
             total += weight * _normalised(np.asarray(v, dtype=np.float32), f"{kind} term embedding")
         return _normalised(total, "the weighted sum of the terms")
 
-    def search(self, parsed, k: int, opts: dict | None = None) -> dict:
-        """One page: {"matches", "group_sizes", "offset", "has_more"} (blocking)."""
+    def search(self, parsed, k: int, opts: dict | None = None, debias=None) -> dict:
+        """One page: {"matches", "group_sizes", "offset", "has_more", "next_offset"} (blocking);
+        with ``debias`` (a DebiasConfig) also "debias" (what was done), and no paging."""
         from saefe.errors import RemoteError, SaefeError
 
         opts = opts or {"offset": 0, "where": None, "dedup": self.dedup_threshold}
         engine = self.engine  # one engine (one index generation) for the whole request
-        q = self.query_vector(parsed, engine)
+        info = None
         try:
-            if hasattr(engine, "store"):  # a local index: filters, collapse, paging
+            if debias is not None:
+                from saefe.search.debias import flagged_features, start, vector_search
+
+                if opts["where"] or opts["offset"]:
+                    raise QueryError("'where' and 'offset' do not combine with 'debias' yet")
+                attrs, targets, info = start(engine, debias)
+                flagged = None
+                if "ablate" in debias.methods:
+                    flagged = flagged_features(engine, attrs, debias.threshold)
+                    if not any(kind == "predefined_embedding" for kind, _, _ in parsed):
+                        info.notes.append("ablate acts on predefined_embedding terms (label mixes); none was given")
+                k = min(k, max(1, int(engine.n_total)))
+                results = vector_search(engine, self.query_vector(parsed, engine, flagged), k, debias, attrs, targets, info)
+                has_more, nxt = False, len(results)
+            elif hasattr(engine, "store"):  # a local index: filters, collapse, paging
                 from saefe.search.query import search_vector_page
 
-                page = search_vector_page(engine, q, k, opts["offset"], opts["where"], opts["dedup"])
+                page = search_vector_page(engine, self.query_vector(parsed, engine), k, opts["offset"], opts["where"],
+                                          opts["dedup"])
                 results, has_more = page.results, page.has_more
                 nxt = page.next_offset
             else:  # anything else with search_vector (a remote or stand-in engine): plain paging
                 if opts["where"]:
                     raise QueryError("this server cannot filter (no local metadata)")
                 n = max(1, int(engine.n_total))
-                results = engine.search_vector(q, min(opts["offset"] + k + 1, n))
+                results = engine.search_vector(self.query_vector(parsed, engine), min(opts["offset"] + k + 1, n))
                 has_more = len(results) > opts["offset"] + k
                 results = results[opts["offset"]: opts["offset"] + k]
                 nxt = opts["offset"] + len(results)
@@ -243,9 +291,12 @@ class QueryPlanner:
             raise QueryError(str(e)) from None
         store = getattr(engine, "store", None)
         root = store._image_base() if hasattr(store, "_image_base") else None
-        return {"matches": [_to_match(r, root) for r in results],
-                "group_sizes": [len(r.group) if getattr(r, "group", None) else 1 for r in results],
-                "offset": opts["offset"], "has_more": bool(has_more), "next_offset": nxt}
+        out = {"matches": [_to_match(r, root) for r in results],
+               "group_sizes": [len(r.group) if getattr(r, "group", None) else 1 for r in results],
+               "offset": opts["offset"], "has_more": bool(has_more), "next_offset": nxt}
+        if info is not None:
+            out["debias"] = info.to_dict()
+        return out
 
 
 def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | str | None = "auto"):
@@ -253,9 +304,7 @@ def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | str | None = "
     saefe.search.live.LiveEngine that follows its index's updates."""
     from aiohttp import web
 
-    from saefe.search.live import LiveEngine
-
-    from saefe.search.live import one_blas_thread_per_request
+    from saefe.search.live import LiveEngine, one_blas_thread_per_request
 
     one_blas_thread_per_request()
     live = engine if isinstance(engine, LiveEngine) else LiveEngine.static(engine)
@@ -295,10 +344,11 @@ def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | str | None = "
                 raise QueryError("request body is not valid JSON") from None
             parsed, k = planner.parse(body)
             opts = planner.options(body)
+            debias = planner.parse_debias(body)
             for kind, _, _ in parsed:
                 metrics.inc("saefe_backend_terms_total", type=kind)
             loop = asyncio.get_running_loop()
-            page = await loop.run_in_executor(executor, planner.search, parsed, k, opts)
+            page = await loop.run_in_executor(executor, planner.search, parsed, k, opts, debias)
             status, out = 200, {**page, "formats": [], "extensions": {}}
         except QueryError as e:
             metrics.inc("saefe_backend_errors_total", reason="bad_request")

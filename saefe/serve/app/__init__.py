@@ -5,12 +5,14 @@ The seed's use cases: (1) set an emotion (label menu, Apply to all sliders, Rese
 (3) Add / Subtract a label with a multiplier, an expression box (``Esteem - Male + Adult``) and
 manual feature ids; (4) search in direction or exact feature mode, by text or image; (5) the
 selected result's SmoothGrad heat map and top features; (6) a feature inspector; (7) a bias
-panel; (8) named API endpoints for gradio_client: /search, /search_text, /search_image,
-/inspect_feature, /image_features, /bias, /labels.
+panel with a Debias control (method, protected attributes, target; before/after table) and a
+bias audit panel; (8) named API endpoints for gradio_client: /search, /search_text,
+/search_image, /inspect_feature, /image_features, /bias, /labels, /debias, /audit.
 
 Modules: state (slider layout <-> FeatureMix), views (query parsing, JSON/Markdown views),
 guard (errors and input parsing), handlers (SaefeApp: API endpoints and UI callbacks), page
-(the Blocks layout and its wiring).
+(the Blocks layout and its wiring), fairness (the Debias control, the audit panel and their
+endpoints).
 """
 
 from __future__ import annotations

@@ -71,6 +71,10 @@ class SaefeApp:
                     _ = self.engine.ranker
                 except SaefeError as e:
                     log.warning("feature-space mode unavailable: %s", e)
+            try:  # per-image groups for the bias panel (estimated now when the index has no labels)
+                _ = self.engine.demographics
+            except SaefeError as e:
+                log.warning("no demographic groups: %s", e)
 
     def _check_mode(self, mode: str) -> str:
         mode = (mode or "direction").strip().lower()
@@ -231,13 +235,29 @@ class SaefeApp:
         thr = (float(threshold) if threshold else "auto") if dedup_on else None
         return {"how": how, "k": int(k), "offset": 0, "where": (where or "").strip(), "dedup": thr, **query}
 
-    def _search_mix(self, prev, values, mode, k, where="", dedup_on=True, threshold=None):
+    def _debias_cfg(self, debias, where):
+        from saefe.serve.app import fairness
+
+        cfg = fairness.config(*(debias or (None, None, None)))
+        if cfg is not None and (where or "").strip():
+            raise SaefeError("the filter does not combine with Debias yet: clear one of them")
+        return cfg
+
+    def _search_mix(self, prev, values, mode, k, debias=(None, None, None), where="", dedup_on=True, threshold=None):
+        """``debias``: the Debias control's (method, protected attributes, target); ``where``,
+        ``dedup_on``, ``threshold``: the filter box and the near-duplicate collapse."""
+        from saefe.serve.app import fairness
+
         mix = self.state.read(prev, values)
         mode = self._check_mode(mode)
         if mix.is_zero():
             raise SteeringError("all sliders are zero: set an emotion, move a slider or enter an expression")
         e = self.engine
+        cfg = self._debias_cfg(debias, where)
         vec = e.direction(mix)
+        if cfg is not None:  # fair re-ranking reorders a whole list: no paging or collapse on top
+            results, md, note = fairness.search(self, [Term("features", mix.to_dict())], mode, k, cfg)
+            return self._show_results(e, results, vec, f"({mode} mode){note} — {mix_summary(mix)}", mix.to_dict(), md)
         if mode == "direction":
             spec = self._spec("vector", k, where, dedup_on, threshold, vec=vec.tolist())
         else:
@@ -245,43 +265,61 @@ class SaefeApp:
             spec = self._spec("features", k, where, dedup_on, threshold, ids=ids.tolist(), ws=ws.tolist())
         return self._show(e, spec, vec, f"({mode} mode) — {mix_summary(mix)}", mix.to_dict())
 
-    def _search_text(self, text, k, where="", dedup_on=True, threshold=None):
+    def _search_text(self, text, k, debias=(None, None, None), where="", dedup_on=True, threshold=None):
         e = self.engine
-        vec = e.embed_text(text)
-        return self._show(e, self._spec("vector", k, where, dedup_on, threshold, vec=vec.tolist()), vec,
-                          f"for text {text.strip()!r}")
+        return self._search_term(e, Term("text", text), e.embed_text(text), k, debias, where, dedup_on, threshold,
+                                 f"for text {str(text).strip()!r}")
 
-    def _search_image(self, image, k, where="", dedup_on=True, threshold=None):
+    def _search_image(self, image, k, debias=(None, None, None), where="", dedup_on=True, threshold=None):
         if not image:
             raise SaefeError("upload an image first")
         e = self.engine
-        vec = e.embed_image(_read_bytes(image))
-        return self._show(e, self._spec("vector", k, where, dedup_on, threshold, vec=vec.tolist()), vec,
-                          "for the uploaded image")
+        data = _read_bytes(image)
+        return self._search_term(e, Term("image", data), e.embed_image(data), k, debias, where, dedup_on, threshold,
+                                 "for the uploaded image")
+
+    def _search_term(self, e, term, vec, k, debias, where, dedup_on, threshold, what):
+        from saefe.serve.app import fairness
+
+        cfg = self._debias_cfg(debias, where)
+        if cfg is not None:
+            results, md, note = fairness.search(self, [term], "direction", k, cfg)
+            return self._show_results(e, results, vec, f"{what}{note}", None, md)
+        return self._show(e, self._spec("vector", k, where, dedup_on, threshold, vec=np.asarray(vec).tolist()), vec, what)
 
     def _show(self, e, spec, vec, msg, mix_dict=None, rows=None):
+        """A page of ``spec`` appended to ``rows`` (the More button), and the new page state."""
         page = self.page(spec, e)
         new = self.results_json(page.results, spec["offset"] + 1, e)
         rows = list(rows or []) + new
-        gallery = [(j["image_path"] if j.get("image_path") else j.get("url"), caption(j)) for j in rows
-                   if j.get("image_path") or j.get("url")]
-        try:
-            bias = bias_markdown(bias_json(e, [SearchResult(int(j["id"]), float(j["score"]),
-                                                            {"sha256": j.get("sha256"), "path": j.get("file")})
-                                               for j in rows]))
-        except SaefeError as err:
-            bias = f"_bias: {err}_"
         spec = {**spec, "msg": msg, "has_more": page.has_more, "next_offset": page.next_offset}
         extra = (f"; filter {page.filter}: {page.matching} of {e.n_total} images match" if page.matching is not None else "")
         extra += "; near-duplicates collapsed" if page.dedup_threshold else ""
-        more = " — press More for the next page" if page.has_more else ""
-        return [gallery, rows, np.asarray(vec, np.float32).tolist(), bias,
-                _ok(f"{len(rows)} results {msg}{extra}{more}"), gr.skip() if mix_dict is None else mix_dict, spec]
+        extra += " — press More for the next page" if page.has_more else ""
+        return self._view(e, rows, vec, f"{len(rows)} results {msg}{extra}", mix_dict, None, spec)
+
+    def _show_results(self, e, results, vec, msg, mix_dict=None, bias=None):
+        """A finished list (debiased): shown whole, no next page."""
+        rows = self.results_json(results, 1, e)
+        return self._view(e, rows, vec, f"{len(rows)} results {msg}", mix_dict, bias, {"has_more": False})
+
+    def _view(self, e, rows, vec, msg, mix_dict, bias, spec):
+        gallery = [(j["image_path"] if j.get("image_path") else j.get("url"), caption(j)) for j in rows
+                   if j.get("image_path") or j.get("url")]
+        if bias is None:
+            try:
+                bias = bias_markdown(bias_json(e, [SearchResult(int(j["id"]), float(j["score"]),
+                                                                {"sha256": j.get("sha256"), "path": j.get("file")})
+                                                   for j in rows]))
+            except SaefeError as err:
+                bias = f"_bias: {err}_"
+        return [gallery, rows, np.asarray(vec, np.float32).tolist(), bias, _ok(msg),
+                gr.skip() if mix_dict is None else mix_dict, spec]
 
     def _more(self, spec, rows, vec):
         if not spec or not rows:
             raise SaefeError("run a search first")
-        if not spec.get("has_more"):
+        if not spec.get("has_more") or "how" not in spec:
             raise SaefeError("no more results for this search")
         nxt = {**spec, "offset": int(spec["next_offset"])}
         return self._show(self.engine, nxt, vec, spec.get("msg", ""), None, rows)

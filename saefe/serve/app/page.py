@@ -14,6 +14,7 @@ import gradio as gr
 
 from saefe.errors import SaefeError
 from saefe.search.dedup import default_threshold
+from saefe.serve.app import fairness
 from saefe.serve.app.guard import api_safe, ui_safe
 from saefe.serve.app.state import SLIDER_STEP
 
@@ -40,7 +41,9 @@ def build_page(app: "SaefeApp") -> gr.Blocks:
         _wire_mix(app, c)
         _wire_search(app, c)
         _wire_results(app, c)
+        fairness.wire_audit(app, c)
         _register_api(app)
+        fairness.register_api(app)
     return page
 
 
@@ -125,6 +128,7 @@ def _results_column(app: "SaefeApp", c: SimpleNamespace) -> None:
         c.reload_btn = gr.Button("Reload index", elem_id="reload-btn", scale=1)
     c.export_file = gr.File(label="Exported results", visible=True, elem_id="export-file", height=60)
     c.bias_md = gr.Markdown("_bias: run a search_", elem_id="bias")
+    fairness.build_debias_controls(app, c)
     with gr.Accordion("5 · Selected result", open=True):
         c.sel_md = gr.Markdown("_click a result_")
         with gr.Row():
@@ -145,6 +149,7 @@ def _results_column(app: "SaefeApp", c: SimpleNamespace) -> None:
         with gr.Row():
             c.insp_top = gr.Gallery(label="Top images", columns=4, height=200, allow_preview=False)
             c.insp_bot = gr.Gallery(label="Bottom images", columns=4, height=200, allow_preview=False)
+    fairness.build_audit_panel(app, c)
 
 
 def _wire_mix(app: "SaefeApp", c: SimpleNamespace) -> None:
@@ -174,17 +179,20 @@ def _wire_mix(app: "SaefeApp", c: SimpleNamespace) -> None:
 
 
 def _wire_search(app: "SaefeApp", c: SimpleNamespace) -> None:
-    """Searches only read the index, so they run concurrently (READ_LIMIT at a time)."""
+    """Searches only read the index, so they run concurrently (READ_LIMIT at a time). Every search
+    runs debiased while a Debias method is chosen, filtered by the filter box, collapsed as set."""
     out = [c.gallery, c.rows_state, c.vec_state, c.bias_md, c.status, c.mix_state, c.page_state]
+    db = c.debias_in  # method, protected attributes, target
     opts = [c.where, c.dedup, c.dedup_thr]
-    run = ui_safe(lambda prev, md, kk, wh, dd, th, *v: app._search_mix(prev, list(v), md, kk, wh, dd, th), len(out), 4)
-    c.run_btn.click(run, [c.mix_state, c.mode, c.k, *opts, *c.slider_io], out, api_visibility="private",
+    run = ui_safe(lambda prev, md, kk, m, p, t, wh, dd, th, *v: app._search_mix(prev, list(v), md, kk, (m, p, t), wh, dd, th),
+                  len(out), 4)
+    c.run_btn.click(run, [c.mix_state, c.mode, c.k, *db, *opts, *c.slider_io], out, api_visibility="private",
                     concurrency_limit=READ_LIMIT)
-    text = ui_safe(app._search_text, len(out), 4)
+    text = ui_safe(lambda q, kk, m, p, t, wh, dd, th: app._search_text(q, kk, (m, p, t), wh, dd, th), len(out), 4)
     for trigger in (c.text_btn.click, c.text_q.submit):
-        trigger(text, [c.text_q, c.k, *opts], out, api_visibility="private", concurrency_limit=READ_LIMIT)
-    c.img_btn.click(ui_safe(app._search_image, len(out), 4), [c.img_q, c.k, *opts], out, api_visibility="private",
-                    concurrency_limit=READ_LIMIT)
+        trigger(text, [c.text_q, c.k, *db, *opts], out, api_visibility="private", concurrency_limit=READ_LIMIT)
+    image = ui_safe(lambda im, kk, m, p, t, wh, dd, th: app._search_image(im, kk, (m, p, t), wh, dd, th), len(out), 4)
+    c.img_btn.click(image, [c.img_q, c.k, *db, *opts], out, api_visibility="private", concurrency_limit=READ_LIMIT)
     c.more_btn.click(ui_safe(app._more, len(out), 4), [c.page_state, c.rows_state, c.vec_state], out,
                      api_visibility="private", concurrency_limit=READ_LIMIT)
     c.export_btn.click(ui_safe(app._export, 2), [c.rows_state], [c.export_file, c.status], api_visibility="private",

@@ -9,7 +9,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from saefe.errors import SaefeError, SteeringError
-from saefe.search.bias import measure_bias
 from saefe.search.engine import Engine, SearchResult, Term
 
 
@@ -79,45 +78,65 @@ def caption(r: dict[str, Any]) -> str:
     return f"{r['score']:.3f} · {size}"
 
 
-def local_ids(engine: Engine, results: Sequence[SearchResult]) -> np.ndarray:
-    """Corpus row ids of results (a remote backend's are matched by sha256, then by path)."""
-    if engine.backend is None:
-        return np.array([r.id for r in results], dtype=np.int64)
-    md = engine.store.metadata
-    by_sha = dict(zip(md["sha256"], range(len(md)))) if "sha256" in md else {}
-    by_path = dict(zip(md["path"], range(len(md)))) if "path" in md else {}
-    ids = []
-    for r in results:
-        i = by_sha.get(r.metadata.get("sha256"), by_path.get(r.metadata.get("path")))
-        if i is not None:
-            ids.append(i)
-    return np.array(ids, dtype=np.int64)
-
-
 def bias_json(engine: Engine, results: Sequence[SearchResult]) -> dict[str, Any]:
-    if engine.attributes is None:
-        raise SaefeError(f"no per-image demographic labels for {engine.store.dir} (attributes.parquet)")
-    ids = local_ids(engine, results)
+    """The results' make-up (``shares``, ``base_rates``, ``max_skew``, ``ndkl``, ``estimated``,
+    ``sources``, and ``attributes``: the per-attribute shape of ``saefe search --bias --json``).
+    Groups are true labels where images have them, probe estimates elsewhere."""
+    from saefe.search.bias import measure_demographics
+    from saefe.search.debias import local_ids
+
+    if not engine.demographics.attributes:
+        raise SaefeError(f"no per-image demographic labels for {engine.store.dir} (attributes.parquet) and no "
+                         "probes to estimate them (`saefe labels --annotations`)")
+    ids = local_ids(engine, results, strict=False)
     if len(ids) == 0:
         raise SaefeError("none of the results is in the local corpus, so their make-up is unknown")
-    return measure_bias(ids, engine.attributes).to_dict()
+    rep = measure_demographics(ids, engine.demographics)
+    return {**rep.to_dict(), "attributes": rep.by_attribute()}
 
 
-def bias_markdown(rep: dict[str, Any]) -> str:
+def bias_markdown(rep: dict[str, Any], before: dict[str, Any] | None = None) -> str:
+    """The bias panel; with ``before`` (the same query without debiasing), a before/after table."""
     if not rep.get("shares"):
         return "_no demographic make-up for these results_"
-    lines = [f"**Bias of the top {rep['k']}** (share in results vs corpus base rate)", "",
-             "| attribute | group | results | corpus | |", "|---|---|---:|---:|---|"]
+    title = f"**Bias of the top {rep['k']}**"
+    if before:
+        lines = [f"{title}: before → after debiasing (share in results; corpus base rate)", "",
+                 "| attribute | group | before | after | corpus | |", "|---|---|---:|---:|---:|---|"]
+    else:
+        lines = [f"{title} (share in results vs corpus base rate)", "",
+                 "| attribute | group | results | corpus | |", "|---|---|---:|---:|---|"]
     for attr, shares in rep["shares"].items():
+        est = " _(estimated)_" if (rep.get("estimated") or {}).get(attr) else ""
         for g, s in shares.items():
             b = rep["base_rates"][attr][g]
             arrow = "▲" if s > b + 0.05 else ("▼" if s < b - 0.05 else "≈")
-            lines.append(f"| {attr} | {g} | {s:.0%} | {b:.0%} | {arrow} |")
+            if before:
+                s0 = (before.get("shares", {}).get(attr) or {}).get(g)
+                lines.append(f"| {attr}{est} | {g} | {_pct(s0)} | {s:.0%} | {b:.0%} | {arrow} |")
+            else:
+                lines.append(f"| {attr}{est} | {g} | {s:.0%} | {b:.0%} | {arrow} |")
     lines.append("")
-    lines.append(" · ".join(
-        f"{attr}: MaxSkew {rep['max_skew'][attr]:+.2f}, NDKL {rep['ndkl'][attr]:.3f}" for attr in rep["shares"]
-    ) + "  _(0 = mirrors the corpus)_")
+
+    def metrics(r, attr):
+        return f"MaxSkew {_num(r['max_skew'].get(attr), '{:+.2f}')}, NDKL {_num(r['ndkl'].get(attr), '{:.3f}')}"
+
+    lines.append(" · ".join(f"{attr}: " + (f"{metrics(before, attr)} → " if before else "") + metrics(rep, attr)
+                            for attr in rep["shares"]) + "  _(0 = mirrors the corpus)_")
+    src = {a: s for a, s in (rep.get("sources") or {}).items() if s != "labels"}
+    if src:
+        lines.append("")
+        lines.append("_groups from " + ", ".join(f"{a}: {s}" for a, s in src.items())
+                     + " (probe estimates where an image has no label)_")
     return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def _num(x, fmt: str) -> str:
+    return "n/a" if x is None else fmt.format(x)
 
 
 def mix_summary(mix) -> str:
