@@ -55,7 +55,7 @@ def test_more_button_and_export(live_app, tmp_path):
     assert len(rows) == 5 and spec["has_more"]
     more = app._more(spec, rows, vec)
     assert [r["rank"] for r in more[1]] == list(range(1, 11)) and len({r["id"] for r in more[1]}) == 10
-    path = app._export(more[1])[0]
+    path = app._export(more[1])[0]["value"]
     assert list(pd.read_csv(path)["id"]) == [r["id"] for r in more[1]]
 
 

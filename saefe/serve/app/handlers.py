@@ -337,7 +337,7 @@ class SaefeApp:
                                 r.get("group_ids")) for r in rows]
         path = os.path.join(tempfile.mkdtemp(prefix="saefe-export-"), "results.csv")
         export_results(self.engine, results, path, offset=int(rows[0].get("rank", 1)) - 1)
-        return [path, _ok(f"exported {len(rows)} results")]
+        return [gr.update(value=path, visible=True), _ok(f"exported {len(rows)} results")]
 
     def _reload(self):
         st = self.live.reload(force=True)

@@ -126,7 +126,7 @@ def _results_column(app: "SaefeApp", c: SimpleNamespace) -> None:
         c.more_btn = gr.Button("More", elem_id="more-btn", scale=2)
         c.export_btn = gr.Button("Export CSV", elem_id="export-btn", scale=1)
         c.reload_btn = gr.Button("Reload index", elem_id="reload-btn", scale=1)
-    c.export_file = gr.File(label="Exported results", visible=True, elem_id="export-file", height=60)
+    c.export_file = gr.File(label="Exported results", visible=False, elem_id="export-file")
     c.bias_md = gr.Markdown("_bias: run a search_", elem_id="bias")
     fairness.build_debias_controls(app, c)
     with gr.Accordion("5 · Selected result", open=True):
