@@ -389,7 +389,14 @@ def update_from_embeddings(cfg: BuildConfig, vecs: np.ndarray, meta: pd.DataFram
     v16, meta = v16[order], meta.iloc[order].reset_index(drop=True)
     have = old_rows >= 0
     same = np.zeros(len(order), bool)
-    same[have] = [np.array_equal(np.asarray(old.vectors[r]), v16[i]) for i, r in zip(np.flatnonzero(have), old_rows[have])]
+    pos_have = np.flatnonzero(have)
+    for lo in range(0, len(pos_have), 65536):  # blocks: a million rows never sit in RAM twice
+        p = pos_have[lo: lo + 65536]
+        rows = old_rows[p]
+        order = np.argsort(rows)  # memmap reads in ascending row order
+        block = np.empty((len(p), v16.shape[1]), np.float16)
+        block[order] = np.asarray(old.vectors[rows[order]])
+        same[p] = (block == v16[p]).all(axis=1)
     counts = {"added": int((~have).sum()), "changed": int((have & ~same).sum()), "unchanged": int(same.sum()),
               "removed": int(len(old) - have.sum()), "embedded": 0}
     if not cfg.force and counts["added"] == counts["changed"] == counts["removed"] == 0 and _same_rows(old, meta):
