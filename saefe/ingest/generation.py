@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from saefe.ingest.index import IndexConfig, VectorIndex, resolve_kind
+from saefe.ingest.index import IndexConfig, VectorIndex
 from saefe.ingest.store import DATA_FILES, VECTORS, EmbeddingStore, read_manifest, write_manifest
 from saefe.manifest import read_json
 

@@ -26,7 +26,7 @@ from saefe.serve.app.guard import parse_int as _parse_int
 from saefe.serve.app.guard import read_bytes as _read_bytes
 from saefe.serve.app.guard import small_k as _small_k
 from saefe.serve.app.state import N_CUSTOM, TOP_N, MixState, SliderLayout
-from saefe.serve.app.views import image_ref as _image_ref, bias_json, bias_markdown, caption, mix_summary, parse_query, result_json
+from saefe.serve.app.views import bias_json, bias_markdown, caption, mix_summary, parse_query, result_json
 
 log = logging.getLogger("saefe.serve.app")
 
