@@ -39,12 +39,26 @@ def _by_path(store: EmbeddingStore) -> dict[str, np.ndarray]:
     return {p: store.vectors_f32([i])[0] for i, p in enumerate(store.metadata["path"])}
 
 
-@pytest.fixture()
-def corpus(tmp_path):
-    root = _folder(tmp_path / "imgs", range(40))
-    out = tmp_path / "idx"
-    first = build_index(_cfg(root, out))
+@pytest.fixture(scope="module")
+def _built(tmp_path_factory):
+    base = tmp_path_factory.mktemp("update_base")
+    root = _folder(base / "imgs", range(40))
+    first = build_index(_cfg(root, base / "idx"))
     assert first.embedded_now == 40
+    return base
+
+
+@pytest.fixture()
+def corpus(_built, tmp_path):
+    """A fresh copy of a 40-image folder and its index (built once per module; copies keep mtimes)."""
+    from saefe.manifest import read_json, write_json_atomic
+
+    root, out = tmp_path / "imgs", tmp_path / "idx"
+    shutil.copytree(_built / "imgs", root)
+    shutil.copytree(_built / "idx", out)
+    m = read_json(out / "manifest.json")  # the copy was built from the copied folder
+    m["corpus_root"] = m["build_key"]["source"] = str(root.resolve())
+    write_json_atomic(out / "manifest.json", m)
     return root, out
 
 
