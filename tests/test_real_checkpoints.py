@@ -68,7 +68,9 @@ def test_vision_only_load_embeds_exactly_as_the_full_model(standins, flavour):
 
     full = SiglipModel.from_pretrained(d).eval()
     with torch.inference_mode():
-        ref = full.get_image_features(pixel_values=enc.preprocess(imgs))
+        px = enc.preprocess_cpu(imgs)  # the very pixels the encoder embedded (uint8 + affine on the device)
+        px = enc.pixel_plan.finish(px, torch.float32) if px.dtype == torch.uint8 else px
+        ref = full.get_image_features(pixel_values=px)
     ref = (ref if hasattr(ref, "shape") else ref.pooler_output).numpy()
     np.testing.assert_array_equal(vecs, l2_normalise(ref))  # same pixels, same weights, same ops
     ref_enc = SiglipEncoder.from_model(full, enc.image_processor, AutoTokenizer.from_pretrained(d), "ref", "cpu")

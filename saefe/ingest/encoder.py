@@ -17,6 +17,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from saefe.errors import ModelLoadError
+from saefe.ingest.pixels import PixelPlan
 from saefe.manifest import EncoderInfo
 from saefe.ingest.models import resolve_model
 
@@ -71,6 +72,7 @@ class SiglipEncoder:
 
         self.vision = vision
         self.image_processor = image_processor
+        self.pixel_plan = PixelPlan.from_processor(image_processor)
         self.device = device
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.batch_size = batch_size
@@ -149,7 +151,12 @@ class SiglipEncoder:
 
     # -- images ------------------------------------------------------------------------------
     def preprocess(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
-        px = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        """Model-ready pixels on the device (the same path ``embed_images`` takes)."""
+        import torch
+
+        px = self.preprocess_cpu(images)
+        if px.dtype == torch.uint8:
+            return self.pixel_plan.finish(px.to(self.device), self.dtype)
         return px.to(self.device, self.dtype)
 
     def image_features(self, pixel_values) -> "torch.Tensor":  # noqa: F821
@@ -159,7 +166,11 @@ class SiglipEncoder:
         return _pooled(self.vision(pixel_values=pixel_values))
 
     def preprocess_cpu(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
-        """Processor output on the CPU: safe to run in a loader thread while the model works."""
+        """Pixels on the CPU, safe to make in loader threads while the model works: the resized
+        uint8 image when the processor's maths can finish on the device (ingest/pixels.py), else
+        the processor's float output. ``embed_pixels`` takes either."""
+        if self.pixel_plan is not None:
+            return self.pixel_plan.resize(images)
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     def embed_pixels(self, pixel_values, on_batch: Callable[[int, float], None] | None = None) -> np.ndarray:
@@ -172,7 +183,11 @@ class SiglipEncoder:
         with torch.inference_mode():
             for i in range(0, len(pixel_values), self.batch_size):
                 t0 = time.perf_counter()
-                px = pixel_values[i : i + self.batch_size].to(self.device, self.dtype, non_blocking=True)
+                px = pixel_values[i : i + self.batch_size]
+                if px.dtype == torch.uint8:  # resized on the CPU; scale + normalise here
+                    px = self.pixel_plan.finish(px.to(self.device, non_blocking=True), self.dtype)
+                else:
+                    px = px.to(self.device, self.dtype, non_blocking=True)
                 out.append(self.image_features(px).float().cpu().numpy())
                 if on_batch is not None:
                     on_batch(len(px), time.perf_counter() - t0)
