@@ -15,12 +15,13 @@ from pathlib import Path
 from saefe.labels.attributes import set_default_sae, write_attributes
 from saefe.manifest import read_json
 from saefe.ingest.build import BuildConfig, BuildSummary, build_index
-from saefe.ingest.store import EmbeddingStore
+from saefe.ingest.store import EmbeddingStore, read_manifest, set_manifest_setting
 
 log = logging.getLogger(__name__)
 
 DEMO_INDEX = "index/demo"
 DEMO_SAE = "weights/demo"
+DEMO_DEDUP_THRESHOLD = 0.9995
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ def build_demo(cfg: DemoBuildConfig) -> BuildSummary:
     corpus = generate_demo(out / "demo", DemoConfig(n=cfg.n, seed=cfg.seed), progress=cfg.build.progress)
     print(f"demo images: {corpus.images_dir}\ndemo annotations: {corpus.annotations}", flush=True)
     summary = build_index(replace(cfg.build, images=str(corpus.images_dir)))
+    # The random-weight demo model puts different pictures above cosine 0.99 (real SigLIP keeps that
+    # for near-copies): only exact copies count as near-duplicates in the demo.
+    if "dedup_threshold" not in (read_manifest(out) or {}):
+        set_manifest_setting(out, "dedup_threshold", DEMO_DEDUP_THRESHOLD)
     summary.extras["demo images"] = str(corpus.images_dir)
     summary.extras["demo annotations"] = str(corpus.annotations)
     if cfg.with_sae:

@@ -139,10 +139,10 @@ class ShardAssembler:
         while self.next < len(self.order) and self.order[self.next] in staged:
             cid = self.order[self.next]
             items = self.stage.read(cid)
-            stored, metas, skipped = triage([(i, m, r) for i, m, r, _ in items], self.seen)
-            kept = [v for (_, _, _, v), s in zip(items, stored) if s]
+            accepted, skipped, _ = triage([(i, v, m, r) for i, m, r, v in items], self.seen)
+            kept = [v for _, v, _, _ in accepted]
             vectors = np.stack(kept) if kept else np.zeros((0, self.dim), np.float16)
-            self.writer.commit(cid, vectors, pd.DataFrame(metas), skipped)
+            self.writer.commit(cid, vectors, pd.DataFrame([m for _, _, m, _ in accepted]), skipped)
             self.stage.remove(cid)
             self.committed.append(cid)
             self.embedded += len(kept) if cid in self.ran else 0
