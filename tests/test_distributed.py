@@ -119,7 +119,8 @@ def test_lost_cluster_keeps_finished_shards(tmp_path):
     asm = ShardAssembler(writer, stage, [2, 3], rows[3:], {"0", "1", "2", "3"}, dim=4)
     asm.add(batch([7, 4, 5, 6]))
     assert sorted(writer.committed()) == [0, 1, 2, 3]
-    assert writer.committed()[2].count == 1 and writer.committed()[2].skipped == [{"item": "5.png", "reason": "duplicate"}]
+    assert writer.committed()[2].count == 1
+    assert writer.committed()[2].skipped == [{"item": "5.png", "reason": "duplicate", "sha256": "0"}]
 
 
 def test_encode_sae_on_ray_matches_local(cluster, tmp_path):
@@ -160,3 +161,19 @@ def test_ondisk_index_shards_filled_by_ray_tasks(cluster, corpus, plain, tmp_pat
     vi = VectorIndex.load(tmp_path / "ray")
     vectors = np.load(tmp_path / "ray" / "vectors.npy").astype(np.float32)
     assert vi.search(vectors[:4], 1)[1][:, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_ray_on_a_built_index_updates_it_with_the_same_plan(cluster, corpus, tmp_path):
+    """An existing index is updated by the update plan (only new/changed files embedded; the
+    plan runs in the driver's process)."""
+    import shutil
+
+    from test_build import _img
+
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    out = tmp_path / "ray"
+    build_with_ray(_cfg(root, out), RayConfig("local"))
+    _img(123).save(root / "new_one.png")
+    s = build_with_ray(_cfg(root, out), RayConfig("local"))
+    assert s.update is not None and s.update["added"] == 1 and s.embedded_now == 1 and s.count == 22

@@ -11,4 +11,10 @@ stages, shaped like clip-retrieval's ``clip_inference``:
 
 Shards are the build's committed chunks, so a Ray build resumes a plain one and vice versa, and
 the finished store, manifest, skip counts and index come from the same code in build.py.
+
+A first build embeds on Ray. Re-running on a finished index is an update (saefe.ingest.update):
+its plan (reuse / skip / embed per file) runs in the driver's process as without ``--ray``, and
+so does the embedding of the new and changed files; moving that to Ray means sending only the
+plan's unanswered items to the workers and resolving ``after_hash`` / ``on_read_error`` in the
+driver (not done yet).
 """
