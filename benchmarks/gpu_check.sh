@@ -14,6 +14,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d .whl faiss-cpu==1.15.1
 # and run it with carry [".whl"]:  bash benchmarks/gpu_check.sh
+# Not carriable under the 64 MiB limit: ray 2.60 (cp312 wheel 79 MB; (a2) then runs the same stage
+# classes under torch's DataLoader) and faiss-gpu-cu12 1.14.1 (48 MB, but it needs the CUDA 12
+# cuBLAS + runtime wheels, which the CUDA 13 image lacks; (b) then times exact torch search).
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
