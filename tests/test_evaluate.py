@@ -50,7 +50,6 @@ def test_probes_beat_chance(synth):
     for r in rep.labels:
         assert 0 < r.n_features <= eng.sae.config.d_hidden
         assert 0.0 <= r.ap_zero_shot <= 1.0
-    assert any("near chance" in n for n in rep.notes)  # demo text tower is random
     rep2 = evaluate_labels(eng, mem, test_fraction=0.3, seed=0)
     assert [r.ap_sae for r in rep.labels] == [r.ap_sae for r in rep2.labels]
 

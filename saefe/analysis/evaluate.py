@@ -223,11 +223,6 @@ def evaluate_labels(
     for key in ("chance", "ap_sae", "ap_raw", "ap_zero_shot"):
         vals = [getattr(r, key) for r in rep.labels if math.isfinite(getattr(r, key))]
         rep.mAP[key] = float(np.mean(vals)) if vals else float("nan")
-    from saefe.demo.tiny_model import DEMO_MODEL_ID
-
-    if engine.info.model_id == DEMO_MODEL_ID:
-        rep.notes.append("the demo's tiny SigLIP has a randomly initialised text tower, so zero-shot AP is "
-                         "expected to be near chance here; it is meaningful with real SigLIP weights")
     rep.notes.append(f"SAE probe: logistic regression ({penalty}, C={C:g}) on max-abs-scaled SAE codes; raw probe: "
                      f"logistic regression (l2, C={C:g}) on standardised embeddings; chance = test prevalence")
     return rep

@@ -29,11 +29,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "app": ("saefe.cli.app:app", "serve the Gradio configuration tool (same as python app_gradio.py)"),
     "serve-clip": ("saefe.cli.serve:clip", "serve the encoder over the clip_server protocol"),
     "serve-backend": ("saefe.cli.serve:backend", "serve the index over the meme-search-engine API"),
+    "train-demo-model": ("saefe.cli.demo:train_model", "train the demo's tiny SigLIP on the demo world (ships in saefe/demo/model)"),
 }
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(verbose: bool) -> None:
+    """Library notices (transformers' config/processor warnings, loading bars) only with -v."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        return
     try:
         import transformers
 
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if pre.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    _quiet_libraries()
+    _quiet_libraries(pre.verbose)
     from saefe.errors import SaefeError
 
     try:

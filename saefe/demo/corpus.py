@@ -50,8 +50,8 @@ DEMO_TEXT_PROMPTS: dict[str, str] = {
     "Peace": "a photo of a calm person",
     "Esteem": "a photo of a proud person",
     "Excitement": "a photo of an excited person",
-    "Male": "a photo of a man",
-    "Female": "a photo of a woman",
+    "Male": "a photo of a male person",  # "a man" says adult too
+    "Female": "a photo of a female person",
     "Kid": "a photo of a child",
     "Teenager": "a photo of a teenager",
     "Adult": "a photo of an adult",

@@ -1,11 +1,13 @@
 """SigLIP image/text encoder through transformers: L2-normalised embeddings, batched.
 
 One class serves real weights (hub id or local dir, from the HF cache when offline) and the
-built-in tiny model (``demo``). CUDA with fp16 when present, CPU fp32 otherwise.
+built-in demo model (``demo``: trained on the demo world, shipped with the package). CUDA with
+fp16 when present, CPU fp32 otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -52,6 +54,37 @@ def _pooled(out):
     return out if hasattr(out, "shape") else out.pooler_output
 
 
+@contextlib.contextmanager
+def library_notices():
+    """Keep transformers' load-time notices out of normal output; ``-v`` (DEBUG logging) shows them.
+
+    They concern a checkpoint's authors, not its user: special-token ids outside the vocabulary
+    (real SigLIP configs carry CLIP's 49406/49407), which image-processor backend was picked,
+    weight-loading progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    old, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def _pil_processor_kwargs() -> dict:
+    """Pick SigLIP's PIL image processor explicitly: the same pixels whether or not torchvision
+    happens to be installed (the demo model was trained on them), and no fallback notice."""
+    import transformers
+
+    return {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+
+
 class SiglipEncoder:
     """SigLIP behind ``from_pretrained``; records the EncoderInfo every artefact inherits."""
 
@@ -75,7 +108,8 @@ class SiglipEncoder:
         cls, name_or_path: str, device: str | None = None, batch_size: int = 64,
         allow_download: bool | None = None,
     ) -> "SiglipEncoder":
-        """Load weights, processor and tokenizer; ``demo`` builds/loads the tiny model."""
+        """Load weights, processor and tokenizer; ``demo`` is the trained tiny model shipped in
+        saefe/demo/model (see saefe.demo.tiny_model)."""
         import torch
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -86,9 +120,11 @@ class SiglipEncoder:
         local_only = not allow_download
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         try:
-            model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=local_only)
-            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=local_only)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+            with library_notices():
+                model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+                image_processor = AutoImageProcessor.from_pretrained(
+                    path, local_files_only=local_only, **_pil_processor_kwargs())
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         except (OSError, ValueError) as e:
             raise ModelLoadError(
                 f"cannot load model {name_or_path!r} offline ({type(e).__name__}): put its weights in "
