@@ -39,11 +39,12 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 @dataclass
 class TinySiglipConfig:
-    """Sizes of the demo model: small enough to train in minutes and embed ~150 images/s on 2 cores."""
+    """Sizes of the demo model: small enough to train in ~10 minutes and embed a few hundred
+    images/s on 2 CPU cores, big enough to learn the demo world (benchmarks/bench_demo_model.py)."""
 
     hidden_size: int = 128
     intermediate_size: int = 512
-    vision_layers: int = 3
+    vision_layers: int = 2
     text_layers: int = 2
     num_heads: int = 4
     image_size: int = 64
