@@ -29,3 +29,25 @@ def demo_encoder(saefe_home):
     from saefe.ingest.encoder import SiglipEncoder
 
     return SiglipEncoder.from_pretrained("demo", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory):
+    """SO400M-shaped, 2-layer SigLIP / SigLIP 2 checkpoints (see tests/fixtures/checkpoints.py)."""
+    from fixtures.checkpoints import StandIns
+
+    return StandIns(tmp_path_factory.mktemp("standin_checkpoints"))
+
+
+@pytest.fixture
+def offline_hub(standins, monkeypatch):
+    """Point the Hugging Face cache at the stand-ins' HF_HOME, offline, for this test and the
+    processes it starts: hub ids then resolve exactly as after ``hf download`` on a user's machine."""
+    import huggingface_hub.constants as hf_constants
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(standins.hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(standins.hf_home / "hub"))
+    return standins

@@ -171,11 +171,15 @@ def test_client_error_message_on_over_size_batch(clip_url):
 
 
 def test_health_stays_responsive_while_model_busy():
+    # the model is held busy until health and metrics have answered: they must not queue behind it
+    release, busy = threading.Event(), threading.Event()
+
     class Slow:
         info = EncoderInfo("slow/model", 4, (8, 8))
 
         def embed_texts(self, texts):
-            time.sleep(1.0)
+            busy.set()
+            release.wait(20)
             return _unit(4, len(texts))
 
         def embed_images(self, images):
@@ -186,14 +190,15 @@ def test_health_stays_responsive_while_model_busy():
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("r", _post(url, {"text": ["x"]})))
         t.start()
-        time.sleep(0.2)
-        t0 = time.perf_counter()
+        assert busy.wait(10)
         assert requests.get(url + "/", timeout=5).status_code == 204
         assert requests.get(url + "/metrics", timeout=5).status_code == 200
-        assert time.perf_counter() - t0 < 0.5
+        assert not release.is_set()  # answered while the embedding was still running
+        release.set()
         t.join(10)
         assert result["r"].status_code == 200
     finally:
+        release.set()
         stop()
 
 

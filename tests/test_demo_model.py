@@ -27,7 +27,7 @@ def test_shipped_model_loads_through_from_pretrained_with_siglip_formats(capfd):
     assert out == "" and err == "", "library notices leak into normal output"
     assert isinstance(enc.tokenizer, SiglipTokenizer)
     assert type(enc.image_processor).__name__.startswith("SiglipImageProcessor")
-    assert type(enc.model).__name__ == "SiglipModel"
+    assert type(enc.vision).__name__ == "SiglipVisionModel" and type(enc.text_model).__name__ == "SiglipTextModel"
     assert enc.info.model_id == tm.DEMO_MODEL_ID == "saefe/demo-siglip"
     d = tm.SHIPPED_DIR
     for name in tm.MODEL_FILES + (tm.RECORD,):

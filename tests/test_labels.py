@@ -12,9 +12,9 @@ import torch
 
 from saefe.labels.annotations import Membership
 from saefe.errors import CorpusError, IncompatibleError, SteeringError
+from saefe.labels.prompts import membership_from_texts, read_prompts
 from saefe.labels.profiles import (
-    LabelProfiles, build_profiles, compute_codes, distinct_ranking, membership_from_texts,
-    read_prompts, shared_ranking,
+    LabelProfiles, build_profiles, compute_codes, distinct_ranking, shared_ranking,
 )
 from saefe.manifest import EncoderInfo
 from saefe.sae.model import SAEConfig, TopKSAE

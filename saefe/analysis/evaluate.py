@@ -7,8 +7,8 @@
        activations, L1 by default; the number of features it uses = non-zero coefficients),
    (b) a linear probe on the raw embeddings (same classifier, L2, standardised inputs),
    (c) zero-shot: cosine of image embeddings to the label's text embedding (the prompt is
-       ``saefe.demo.corpus.DEMO_TEXT_PROMPTS[label]`` where it has one, else
-       "a photo of a person feeling {label}"; ``--prompts FILE`` overrides).
+       the prompt given for the label (``--prompts FILE``; on the demo, its own prompt table), else
+       "a photo of a person feeling {label}").
 
    Chance AP of a label = its share of positives among the test images.
 
@@ -140,17 +140,10 @@ def _probe(x_train, y_train, x_test, penalty: str, C: float, seed: int) -> tuple
     return clf.decision_function(x_test), int(np.count_nonzero(clf.coef_))
 
 
-def prompts_for(labels: Sequence[str], template: str = DEFAULT_TEMPLATE, overrides: dict[str, str] | None = None,
-                use_demo: bool = True) -> dict[str, str]:
-    table: dict[str, str] = {}
-    if use_demo:
-        try:
-            from saefe.demo.corpus import DEMO_TEXT_PROMPTS
-
-            table.update(DEMO_TEXT_PROMPTS)
-        except ImportError:  # pragma: no cover - the demo module ships with the package
-            pass
-    table.update(overrides or {})
+def prompts_for(labels: Sequence[str], template: str = DEFAULT_TEMPLATE,
+                overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """One zero-shot prompt per label: the override where given, else the template."""
+    table = dict(overrides or {})
     return {l: table.get(l, template.format(label=l)) for l in labels}
 
 

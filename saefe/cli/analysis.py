@@ -105,7 +105,8 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", help="SAE dir (default: the one the index's build recorded)")
     p.add_argument("--labels", help="label profiles dir for the bias searches (default: SAE_DIR/labels)")
     p.add_argument("--model", help="encoder for the zero-shot text prompts (default: the index's)")
-    p.add_argument("--annotations", required=True, help="EMOTIC-style CSV (Filename + 0/1 label columns, Gender, Age, VAD)")
+    p.add_argument("--annotations", help="EMOTIC-style CSV (Filename + 0/1 label columns, Gender, Age, VAD); "
+                   "required except for --debias alone")
     p.add_argument("--test-fraction", type=float, default=0.3, help="share of annotated images held out (default 0.3)")
     p.add_argument("--seed", type=int, default=0, help="train/test split seed")
     p.add_argument("--penalty", choices=("l1", "l2"), default="l1", help="SAE probe regularisation (default l1)")
@@ -119,6 +120,31 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f'attenuating expression (default "{_evaluate.DEFAULT_BIAS_EXPR}"); "" to skip')
     p.add_argument("--no-bias", action="store_true", help="skip the bias measurement")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    d = p.add_argument_group("debias methods (on the index's true labels)")
+    d.add_argument("--debias", nargs="?", const="default", metavar="M1,M2",
+                   help="table of debias methods (default: none, seed arithmetic, ablate, project, rerank and "
+                        "combinations) for --bias-label at k = 20 and 100; or a comma list, e.g. none,rerank,ablate+rerank")
+    d.add_argument("--protect", default="gender", help="protected attributes for --debias (default gender)")
+    d.add_argument("--target", default="corpus", help="--debias target: corpus, parity or Male=0.5,Female=0.5")
+    d.add_argument("--most-skewed", action="store_true", help="--debias: evaluate the label most skewed on the first attribute")
+
+
+def _run_debias_table(args: argparse.Namespace) -> int:
+    from saefe.analysis.debias_eval import DEFAULT_METHODS, evaluate_debias, format_debias
+    from saefe.search.debias import parse_protect
+    from saefe.search.engine import Engine
+
+    engine = Engine.open(args.index, sae_dir=args.sae, labels_dir=args.labels, model=args.model)
+    methods = DEFAULT_METHODS if args.debias == "default" else [m.strip() for m in args.debias.split(",") if m.strip()]
+    ks = sorted({20, 100} if args.k == 20 else {args.k})
+    ev = evaluate_debias(engine, None if args.most_skewed else args.bias_label, parse_protect(args.protect), ks,
+                         methods, args.target)
+    if args.json:
+        json.dump(_evaluate._clean(ev.to_dict()), sys.stdout, indent=1)
+        print()
+    else:
+        print(format_debias(ev))
+    return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -128,16 +154,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from saefe.search.engine import Engine, _check_k
 
     k = _check_k(args.k)
+    if args.debias and not args.annotations:
+        return _run_debias_table(args)
+    if not args.annotations:
+        raise SaefeError("--annotations is required (except for --debias alone)")
     if not 0.0 < args.test_fraction < 1.0:
         raise SaefeError(f"--test-fraction must be strictly between 0 and 1, got {args.test_fraction}")
     engine = Engine.open(args.index, sae_dir=args.sae, labels_dir=args.labels, model=args.model)
     engine.require_sae()
     membership = read_annotations(args.annotations, engine.store)
-    overrides = None
-    if args.prompts:
-        from saefe.labels.profiles import read_prompts
+    from saefe.demo.corpus import DEMO_TEXT_PROMPTS
 
-        overrides = read_prompts(args.prompts)
+    # the demo's labels have hand-written prompts; a user's file overrides them
+    overrides = {lab: p for lab, p in DEMO_TEXT_PROMPTS.items() if lab in membership.labels}
+    if args.prompts:
+        from saefe.labels.prompts import read_prompts
+
+        overrides.update(read_prompts(args.prompts))
     rep = _evaluate.EvalReport(0, 0, 0, args.seed, args.penalty, float(args.C))
     _evaluate.evaluate_labels(engine, membership, args.test_fraction, args.seed, args.penalty, args.C, labels=args.only,
                     prompts=overrides, zero_shot=not args.no_zero_shot, report=rep)
@@ -152,4 +185,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print()
     else:
         print(_evaluate.format_report(rep))
+    if args.debias:
+        print()
+        return _run_debias_table(args)
     return 0

@@ -28,6 +28,8 @@ def build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nprobe", type=int, default=0, help="IVF probes (0: tuned for --target-recall)")
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--chunk-size", type=int, default=1024, help="images per committed chunk")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="threads reading, decoding and pre-processing ahead of the model (default: one per core)")
     p.add_argument("--force", action="store_true", help="replace an existing index in --out")
     p.add_argument("--no-progress", action="store_true")
     demo = p.add_argument_group("demo")
@@ -62,6 +64,7 @@ def config_from_args(args: argparse.Namespace) -> _build.BuildConfig:
         device=args.device,
         index=_build.IndexConfig(kind=args.index_type, flat_max=args.flat_max, nprobe=args.nprobe, target_recall=args.target_recall),
         chunk_size=args.chunk_size,
+        loader_workers=args.loader_workers,
         force=args.force,
         progress=not args.no_progress,
     )

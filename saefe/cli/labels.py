@@ -8,6 +8,7 @@ from pathlib import Path
 from saefe.errors import SaefeError
 
 import saefe.labels.profiles as _labels
+import saefe.labels.prompts as _prompts
 
 # ---- from saefe.labels.profiles
 
@@ -24,6 +25,20 @@ def labels_arguments(parser) -> None:
     parser.add_argument("--model", help="--texts: text encoder (default: the index's model; 'demo' = tiny model)")
     parser.add_argument("--vad-high", type=float, default=7.0, help="Valence/Arousal/Dominance >= this: '<X> high'")
     parser.add_argument("--vad-low", type=float, default=3.0, help="Valence/Arousal/Dominance <= this: '<X> low'")
+    parser.add_argument("--no-probes", action="store_true",
+                        help="skip the demographic probes and feature-attribute associations (used by --debias, audit)")
+
+
+def _bias_models(store, sae, sae_dir, out: Path) -> None:
+    from saefe.analysis.audit import FEATURE_BIAS, fit_bias_models
+    from saefe.labels.attributes import read_attributes
+    from saefe.labels.probes import PROBES_FILE, probe_summary
+
+    probes, assoc = fit_bias_models(store, sae, sae_dir, read_attributes(store), out)
+    if probes is not None:
+        print(f"demographic probes: {probe_summary(probes)} -> {out / PROBES_FILE}")
+    if assoc:
+        print(f"feature-attribute associations ({', '.join(assoc)}) -> {out / FEATURE_BIAS}")
 
 
 def _format_table(profiles: _labels.LabelProfiles, n_feats: int = 5) -> str:
@@ -55,14 +70,14 @@ def run_labels(args) -> int:
     else:
         from saefe.ingest.encoder import SiglipEncoder
 
-        prompts = _labels.read_prompts(args.texts)
+        prompts = _prompts.read_prompts(args.texts)
         encoder = SiglipEncoder.from_pretrained(args.model or store.encoder_info.model_id)
         index = None
         if (Path(args.index) / "index.faiss").exists():
             from saefe.ingest.index import VectorIndex
 
             index = VectorIndex.load(args.index)
-        membership = _labels.membership_from_texts(store, index, encoder, prompts, top_n=args.top_n)
+        membership = _prompts.membership_from_texts(store, index, encoder, prompts, top_n=args.top_n)
         membership.report.source = str(args.texts)
     profiles = _labels.build_profiles(store, sae, membership, sae_dir=args.sae, top_k=args.top_k)
     out = Path(args.out) if args.out else Path(args.sae) / "labels"
@@ -71,6 +86,8 @@ def run_labels(args) -> int:
 
     if args.annotations or args.folders:  # per-image labels: ground truth for bias and evaluation
         print(f"wrote {write_attributes(store, membership)}")
+        if not args.no_probes:
+            _bias_models(store, sae, args.sae, out)
     if not store.manifest.get("default_sae"):
         set_default_sae(store, Path(args.sae))
     print(_format_table(profiles))

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("saefe.cli.inspect:inspect", "show a feature's top/bottom images, frequency and labels"),
     "saliency": ("saefe.cli.analysis:saliency", "SmoothGrad heat map of a feature or mix on an image"),
     "evaluate": ("saefe.cli.analysis:evaluate", "label AP/mAP of probes and zero-shot; bias of a search"),
+    "audit": ("saefe.cli.audit:audit", "a label's top features and how each is tied to a protected attribute"),
     "app": ("saefe.cli.app:app", "serve the Gradio configuration tool (same as python app_gradio.py)"),
     "serve-clip": ("saefe.cli.serve:clip", "serve the encoder over the clip_server protocol"),
     "serve-backend": ("saefe.cli.serve:backend", "serve the index over the meme-search-engine API"),
@@ -33,8 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    """Library notices (transformers' config/processor warnings, loading bars) only with -v."""
+def _quiet_libraries(verbose: bool = False) -> None:
+    """transformers' notices and progress bars are noise in normal output; ``-v`` shows them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if verbose:
         return

@@ -70,24 +70,78 @@ def search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=20, help="number of results")
     p.add_argument("--json", action="store_true", help="print a JSON list of {id, score, path/url, ...}")
     p.add_argument("--bias", action="store_true", help="also print the demographic make-up of the results")
+    add_debias_arguments(p)
+
+
+def add_debias_arguments(p: argparse.ArgumentParser) -> None:
+    from saefe.search.debias import DEFAULT_POOL, METHODS
+
+    d = p.add_argument_group("bias attenuation")
+    d.add_argument("--debias", metavar="METHOD", help=f"{', '.join(METHODS)} or a combination like ablate+rerank")
+    d.add_argument("--protect", metavar="ATTR[,ATTR]", help="protected attributes, e.g. gender or gender,age")
+    d.add_argument("--target", default="corpus", help="group shares to aim for: corpus (default), parity or Male=0.5,Female=0.5")
+    d.add_argument("--pool", type=int, default=DEFAULT_POOL, help=f"rerank: candidates re-ranked (default {DEFAULT_POOL})")
+    d.add_argument("--ablate-threshold", type=float, help="ablate: |excess share| that ties a feature to the attribute (0.2)")
+    d.add_argument("--no-calibrate", action="store_true", help="project: plain projection instead of the smallest one that meets the target")
+
+
+def debias_from_args(args: argparse.Namespace):
+    """A DebiasConfig, or None without --debias (then --protect/--target are refused)."""
+    from saefe.search.debias import DebiasConfig
+
+    if not getattr(args, "debias", None):
+        if getattr(args, "protect", None):
+            raise SaefeError("--protect goes with --debias METHOD (rerank, ablate, project)")
+        return None
+    return DebiasConfig.parse(args.debias, args.protect, args.target, pool=args.pool,
+                              threshold=args.ablate_threshold, calibrate=not args.no_calibrate)
+
+
+def describe_debias(info) -> str:
+    parts = [f"debias {'+'.join(info.methods)} protecting " + ", ".join(f"{a} ({info.sources[a]})" for a in info.protect)]
+    parts.append("target " + "; ".join(f"{a}: " + ", ".join(f"{g} {s:.0%}" for g, s in t.items())
+                                       for a, t in info.targets.items()))
+    if info.ablated:
+        parts.append(f"ablated {len(info.ablated)} features ({', '.join(f'f{f}' for f in info.ablated[:8])}"
+                     f"{', ...' if len(info.ablated) > 8 else ''})")
+    if info.projection:
+        parts.append(f"projection lambda {info.projection['lambda']:.2f} (cosine to the query {info.projection['cosine_to_query']:.3f})")
+    if info.rerank:
+        parts.append(f"re-ranked {info.rerank['pool']} candidates")
+    if info.met is not None:
+        parts.append("target met" if info.met else "target NOT met")
+    return "; ".join(parts) + "".join(f"\nnote: {n}" for n in info.notes)
 
 
 def run_search(args: argparse.Namespace) -> int:
+    debias = debias_from_args(args)
     engine = open_engine(args)
-    results = engine.search(terms_from_args(args), k=args.k, mode=args.mode)
+    terms = terms_from_args(args)
+    results = engine.search(terms, k=args.k, mode=args.mode, debias=debias)
+    info = getattr(results, "info", None)
     if args.json:
         payload = [r.to_json() for r in results]
-        if args.bias:
-            payload = {"results": payload, "bias": engine.bias(results).to_dict()}
+        if args.bias or info is not None:
+            payload = {"results": payload}
+            if args.bias:
+                payload["bias"] = engine.bias(results).by_attribute()
+            if info is not None:
+                payload["debias"] = info.to_dict()
+                if args.bias:
+                    plain = engine.search(terms, k=args.k, mode=args.mode)
+                    payload["bias_before"] = engine.bias(plain).by_attribute()
         json.dump(payload, sys.stdout, indent=1)
         print()
         return 0
     for rank, r in enumerate(results, 1):
         where = r.metadata.get("path") or r.metadata.get("url") or ""
         print(f"{rank:4d}  {r.score:+.4f}  id={r.id:<8d} {where}")
+    if info is not None:
+        print(describe_debias(info))
     if args.bias:
         rep = engine.bias(results)
         for attr, shares in rep.shares.items():
             parts = ", ".join(f"{g} {s:.0%} (corpus {rep.base_rates[attr][g]:.0%})" for g, s in shares.items())
-            print(f"{attr}: {parts}; MaxSkew {rep.max_skew[attr]:+.2f}, NDKL {rep.ndkl[attr]:.3f}")
+            src = f" [{rep.sources.get(attr, 'labels')}]" if rep.estimated.get(attr) else ""
+            print(f"{attr}{src}: {parts}; MaxSkew {rep.max_skew[attr]:+.2f}, NDKL {rep.ndkl[attr]:.3f}")
     return 0

@@ -120,6 +120,10 @@ def demo_sae_and_labels(index_dir: Path, sae_dir: Path, annotations: Path, progr
     labels_dir = sae_dir / "labels"
     build_profiles(store, sae, membership, sae_dir=sae_dir).save(labels_dir)
     write_attributes(store, membership)
+    from saefe.analysis.audit import fit_bias_models
+    from saefe.labels.attributes import read_attributes
+
+    fit_bias_models(store, sae, sae_dir, read_attributes(store), labels_dir)  # probes + associations
     set_default_sae(store, sae_dir)
     val = (read_json(report) if report.exists() else {}).get("validation", {})
     stats = (f" (validation FVU {val['fvu']:.3f}, mean L0 {val['mean_l0']:.1f}, dead {val['dead_fraction']:.0%})"

@@ -9,7 +9,6 @@ summary and the manifest. With no source given it builds the offline demo.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import shutil
 import time
@@ -24,11 +23,12 @@ import pandas as pd
 
 from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, read_precomputed
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
-from saefe.ingest.images import BadImage, decode_image
+from saefe.ingest.loader import ChunkLoader, load_item
 from saefe.ingest.index import KINDS, IndexConfig, VectorIndex
 from saefe.manifest import FORMAT_VERSION, EncoderInfo
 from saefe.ingest.store import ChunkWriter, EmbeddingStore, read_manifest, write_manifest, write_store
 from saefe.ingest.models import canonical_model_id
+from saefe.ingest.cost import CostEstimate, format_rate
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class BuildConfig:
     device: str | None = None
     index: IndexConfig = field(default_factory=IndexConfig)
     chunk_size: int = 1024
+    loader_workers: int = 0  # threads that read/decode/pre-process ahead of the model (0: one per core)
     force: bool = False
     progress: bool = True
 
@@ -64,13 +65,17 @@ class BuildSummary:
     index_type: str
     already_built: bool = False
     extras: dict[str, str] = field(default_factory=dict)
+    # Wall time of the embedding loop alone (decode + model), without model load and index build:
+    # what the images/s figure is computed from.
+    embed_seconds: float = 0.0
 
     def lines(self) -> list[str]:
-        rate = self.embedded_now / self.seconds if self.seconds > 0 else 0.0
+        done = f"embedded this run: {self.embedded_now} in {self.seconds:.1f}s"
+        if self.embedded_now and self.embed_seconds > 0:
+            done += f" ({format_rate(self.embedded_now / self.embed_seconds)} img/s while embedding)"
         out = [
             f"index: {self.out}  ({self.count} images, index type {self.index_type})",
-            f"embedded this run: {self.embedded_now} in {self.seconds:.1f}s ({rate:.0f} img/s)"
-            + ("  [already complete]" if self.already_built else ""),
+            done + ("  [already complete]" if self.already_built else ""),
             f"duplicates stored once: {self.duplicates}",
             "skipped: " + (", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items())) or "none"),
         ]
@@ -97,19 +102,8 @@ def _build_key(cfg: BuildConfig, corpus: ImageCorpus) -> dict[str, Any]:
 
 
 def _load_item(corpus: ImageCorpus, i: int) -> tuple[int, Any, dict[str, Any], str | None]:
-    """Read + hash + decode one item off the main thread. Returns (i, image|None, meta, skip)."""
-    try:
-        data, meta = corpus.read(i)
-    except OSError as e:
-        return i, None, {"key": corpus.key(i)}, f"unreadable ({e.strerror or type(e).__name__})"
-    meta = dict(meta)
-    meta["sha256"] = hashlib.sha256(data).hexdigest()
-    try:
-        img = decode_image(data)
-    except BadImage as e:
-        return i, None, meta, str(e)
-    meta["width"], meta["height"] = img.size
-    return i, img, meta, None
+    """Read + hash + decode one item (full-size decode). Returns (i, image|None, meta, skip)."""
+    return load_item(corpus, i)
 
 
 def _item_key(meta: dict[str, Any], i: int) -> str:
@@ -154,13 +148,16 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         if committed[cid].count:
             seen.update(writer.metadata(cid)["sha256"].tolist())
     embedded = 0
+    embed_s = 0.0
     encoder = None
     if todo:
         from saefe.ingest.encoder import load_encoder
 
         encoder = load_encoder(cfg.model, cfg.clip_server, cfg.device)
         _check_encoder_stable(out, encoder.info)
+        t_embed = time.time()
         embedded = _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder)
+        embed_s = time.time() - t_embed
     info = encoder.info if encoder else EncoderInfo.from_dict(_read_encoder(out))
     total, skips = writer.finalise(info, {})
     if total == 0:
@@ -192,7 +189,7 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         pass
     write_manifest(out, manifest)
     writer.remove()
-    return _summary_of(out, manifest, embedded, time.time() - t0)
+    return _summary_of(out, manifest, embedded, time.time() - t0, embed_seconds=embed_s)
 
 
 def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
@@ -202,19 +199,18 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
     done_items = sum(min(cfg.chunk_size, n - c * cfg.chunk_size) for c in committed)
     bar = tqdm(total=n, initial=done_items, unit="img", desc="embedding", disable=not cfg.progress, smoothing=0.1)
     embedded = 0
+    cost = CostEstimate(images=n - done_items, device=getattr(encoder, "device", None), remote=bool(cfg.clip_server))
 
     # A local SigLIP's processor runs in the loader thread too, so on a GPU the (PIL-bound,
     # single-threaded) pre-processing of chunk i+1 overlaps the model's work on chunk i.
     preprocess = getattr(encoder, "preprocess_cpu", None)
 
     def load_chunk(pool, cid):
-        lo, hi = cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size)
-        items = list(pool.map(lambda i: _load_item(corpus, i), range(lo, hi)))
-        good = [img for _, img, _, reason in items if reason is None]
-        px = preprocess(good) if (preprocess is not None and good) else None
-        return items, px
+        return pool.load(cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size))
 
-    with ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as prefetch:
+    draft = tuple(encoder.info.image_size) if (preprocess is not None and encoder.info.image_size) else None
+    with ChunkLoader(corpus, preprocess, draft, cfg.loader_workers) as pool, \
+            ThreadPoolExecutor(max_workers=1) as prefetch:
         future = prefetch.submit(load_chunk, pool, todo[0])
         for j, cid in enumerate(todo):
             items, px = future.result()
@@ -239,9 +235,11 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
             elif px is not None:
                 import torch
 
-                vecs = encoder.embed_pixels(px[torch.tensor(keep)])
+                vecs = encoder.embed_pixels(px[torch.tensor(keep)], on_batch=cost.observe)
             else:
+                t_chunk = time.perf_counter()
                 vecs = encoder.embed_images(images)
+                cost.observe(len(images), time.perf_counter() - t_chunk)
             if vecs.shape[1] != encoder.info.embedding_dim:
                 raise IncompatibleError(f"encoder returned dimension {vecs.shape[1]}, expected {encoder.info.embedding_dim}")
             writer.commit(cid, vecs, pd.DataFrame(metas), skipped)
@@ -272,7 +270,8 @@ def _reasons(skips: list[dict[str, str]]) -> str:
     return ", ".join(f"{r}: {c}" for r, c in Counter(s["reason"] for s in skips).most_common()) or "none"
 
 
-def _summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: bool = False) -> BuildSummary:
+def _summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: bool = False,
+                embed_seconds: float = 0.0) -> BuildSummary:
     return BuildSummary(
         out=str(out),
         count=int(manifest["count"]),
@@ -282,6 +281,7 @@ def _summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: 
         embedded_now=embedded,
         index_type=str(manifest.get("index_type")),
         already_built=already,
+        embed_seconds=embed_seconds,
     )
 
 

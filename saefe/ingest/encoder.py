@@ -1,21 +1,23 @@
 """SigLIP image/text encoder through transformers: L2-normalised embeddings, batched.
 
 One class serves real weights (hub id or local dir, from the HF cache when offline) and the
-built-in demo model (``demo``: trained on the demo world, shipped with the package). CUDA with
-fp16 when present, CPU fp32 otherwise.
+built-in tiny model (``demo``). CUDA with fp16 when present, CPU fp32 otherwise. Image work
+loads only the vision tower; the text tower and tokenizer load on the first text (see
+saefe.ingest.towers for why and for the error messages).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from pathlib import Path
-from typing import Protocol, Sequence
+import threading
+import time
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from saefe.errors import ModelLoadError
+from saefe.ingest.pixels import PixelPlan
 from saefe.manifest import EncoderInfo
 from saefe.ingest.models import resolve_model
 
@@ -50,114 +52,145 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 def _pooled(out):
-    """transformers 4.x returns a tensor from get_*_features, 5.x an output with pooler_output."""
+    """A tower's pooled output (a tensor passes through: 4.x ``get_*_features`` returned one)."""
     return out if hasattr(out, "shape") else out.pooler_output
 
 
-@contextlib.contextmanager
-def library_notices():
-    """Keep transformers' load-time notices out of normal output; ``-v`` (DEBUG logging) shows them.
-
-    They concern a checkpoint's authors, not its user: special-token ids outside the vocabulary
-    (real SigLIP configs carry CLIP's 49406/49407), which image-processor backend was picked,
-    weight-loading progress bars."""
-    from transformers.utils import logging as hf_logging
-
-    if log.isEnabledFor(logging.DEBUG):
-        yield
-        return
-    old, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(old)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def _pil_processor_kwargs() -> dict:
-    """Pick SigLIP's PIL image processor explicitly: the same pixels whether or not torchvision
-    happens to be installed (the demo model was trained on them), and no fallback notice."""
-    import transformers
-
-    return {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
-
-
 class SiglipEncoder:
-    """SigLIP behind ``from_pretrained``; records the EncoderInfo every artefact inherits."""
+    """SigLIP behind ``from_pretrained``; records the EncoderInfo every artefact inherits.
 
-    def __init__(self, model, image_processor, tokenizer, model_id: str, device: str, batch_size: int = 64):
+    Holds the vision tower from the start and the text tower + tokenizer only once a text is
+    embedded (``text_loader``), so image-only work never pays for (or fails on) the text side.
+    ``model`` is the vision tower: the module ``image_features`` runs (saliency freezes its
+    parameters).
+    """
+
+    def __init__(self, vision, image_processor, model_id: str, device: str, batch_size: int = 64, *,
+                 config, text=None, tokenizer=None, text_loader: Callable[[], tuple] | None = None,
+                 lowercase: bool = True):
         import torch
 
-        self.model = model
+        self.vision = vision
         self.image_processor = image_processor
-        self.tokenizer = tokenizer
+        self.pixel_plan = PixelPlan.from_processor(image_processor)
         self.device = device
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.batch_size = batch_size
-        vc = model.config.vision_config
+        self.config = config
+        self._text, self._tokenizer, self._text_loader = text, tokenizer, text_loader
+        self._text_lock = threading.Lock()
+        self.lowercase = lowercase
+        vc = config.vision_config
         size = int(vc.image_size)
-        dim = int(getattr(model.config.text_config, "projection_size", None) or vc.hidden_size)
+        dim = int(getattr(config.text_config, "projection_size", None) or vc.hidden_size)
         self.info = EncoderInfo(model_id=model_id, embedding_dim=dim, image_size=(size, size))
-        self.max_text_len = int(model.config.text_config.max_position_embeddings)
+        self.max_text_len = int(config.text_config.max_position_embeddings)
+
+    @property
+    def model(self):
+        """The vision tower (what ``image_features`` differentiates through)."""
+        return self.vision
+
+    @property
+    def text_loaded(self) -> bool:
+        return self._text is not None
+
+    @property
+    def text_model(self):
+        """The text tower (loaded now if no text has been embedded yet)."""
+        return self._text_side()[0]
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (loaded with the text tower)."""
+        return self._text_side()[1]
+
+    @classmethod
+    def from_model(cls, model, image_processor, tokenizer, model_id: str, device: str, batch_size: int = 64,
+                   lowercase: bool = True) -> "SiglipEncoder":
+        """Wrap an in-memory dual encoder (a ``SiglipModel``): its towers, nothing loaded lazily."""
+        return cls(model.vision_model, image_processor, model_id, device, batch_size, config=model.config,
+                   text=model.text_model, tokenizer=tokenizer, lowercase=lowercase)
 
     @classmethod
     def from_pretrained(
         cls, name_or_path: str, device: str | None = None, batch_size: int = 64,
         allow_download: bool | None = None,
     ) -> "SiglipEncoder":
-        """Load weights, processor and tokenizer; ``demo`` is the trained tiny model shipped in
-        saefe/demo/model (see saefe.demo.tiny_model)."""
+        """Config, vision tower and image processor now; text tower and tokenizer on first use.
+
+        ``name_or_path``: a hub id (read from the Hugging Face cache; offline unless
+        ``allow_download`` or SAEFE_ALLOW_DOWNLOAD=1), a checkpoint directory, or a name a
+        ``saefe.models`` plug-in owns (``demo``). Every failure is a one-line ModelLoadError.
+        """
         import torch
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        from saefe.ingest import towers
 
         device = pick_device(device)
-        path, model_id = resolve_model(str(name_or_path))
+        name = str(name_or_path)
+        path, model_id = resolve_model(name)
         if allow_download is None:
             allow_download = os.environ.get("SAEFE_ALLOW_DOWNLOAD") == "1"
         local_only = not allow_download
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        try:
-            with library_notices():
-                model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=local_only)
-                image_processor = AutoImageProcessor.from_pretrained(
-                    path, local_files_only=local_only, **_pil_processor_kwargs())
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(
-                f"cannot load model {name_or_path!r} offline ({type(e).__name__}): put its weights in "
-                "a local directory and pass that path, or fill the Hugging Face cache on a machine "
-                "with network (`hf download google/siglip-so400m-patch14-384`) and copy ~/.cache/"
-                "huggingface here; `--model demo` uses the built-in tiny model"
-            ) from None
-        if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
-            raise ModelLoadError(f"model {name_or_path!r} is not a SigLIP/CLIP-style dual encoder")
-        model = model.to(device).eval()
-        return cls(model, image_processor, tokenizer, model_id, device, batch_size)
+        t0 = time.perf_counter()
+        with towers.transformers_notices():
+            config, spec = towers.load_config(path, name, local_only)
+            vision = towers.load_tower(spec.vision, path, name, dtype, local_only, "vision")
+            processor = towers.load_image_processor(spec, path, name, local_only)
+        vision = vision.to(device).eval()
+        log.debug("loaded the vision tower of %s in %.1fs", name, time.perf_counter() - t0)
 
+        def load_text():
+            text, tok = towers.load_text_side(spec, path, name, dtype, local_only)
+            return text.to(device).eval(), tok
+
+        return cls(vision, processor, model_id, device, batch_size, config=config, text_loader=load_text,
+                   lowercase=spec.lowercase)
+
+    # -- images ------------------------------------------------------------------------------
     def preprocess(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
-        px = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        """Model-ready pixels on the device (the same path ``embed_images`` takes)."""
+        import torch
+
+        px = self.preprocess_cpu(images)
+        if px.dtype == torch.uint8:
+            return self.pixel_plan.finish(px.to(self.device), self.dtype)
         return px.to(self.device, self.dtype)
 
     def image_features(self, pixel_values) -> "torch.Tensor":  # noqa: F821
-        """Un-normalised, differentiable image features (saliency differentiates through this)."""
-        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
+        """Un-normalised, differentiable image features (saliency differentiates through this).
+
+        The vision tower's pooled output: exactly ``SiglipModel.get_image_features``."""
+        return _pooled(self.vision(pixel_values=pixel_values))
 
     def preprocess_cpu(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
-        """Processor output on the CPU: safe to run in a loader thread while the model works."""
+        """Pixels on the CPU, safe to make in loader threads while the model works: the resized
+        uint8 image when the processor's maths can finish on the device (ingest/pixels.py), else
+        the processor's float output. ``embed_pixels`` takes either."""
+        if self.pixel_plan is not None:
+            return self.pixel_plan.resize(images)
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
-    def embed_pixels(self, pixel_values) -> np.ndarray:
-        """Embed already pre-processed pixels (see ``preprocess_cpu``), batched."""
+    def embed_pixels(self, pixel_values, on_batch: Callable[[int, float], None] | None = None) -> np.ndarray:
+        """Embed already pre-processed pixels (see ``preprocess_cpu``), batched.
+
+        ``on_batch(n_images, seconds)`` is called after each batch (a build's cost estimate)."""
         import torch
 
         out = []
         with torch.inference_mode():
             for i in range(0, len(pixel_values), self.batch_size):
-                px = pixel_values[i : i + self.batch_size].to(self.device, self.dtype, non_blocking=True)
+                t0 = time.perf_counter()
+                px = pixel_values[i : i + self.batch_size]
+                if px.dtype == torch.uint8:  # resized on the CPU; scale + normalise here
+                    px = self.pixel_plan.finish(px.to(self.device, non_blocking=True), self.dtype)
+                else:
+                    px = px.to(self.device, self.dtype, non_blocking=True)
                 out.append(self.image_features(px).float().cpu().numpy())
+                if on_batch is not None:
+                    on_batch(len(px), time.perf_counter() - t0)
         if not out:
             return np.zeros((0, self.info.embedding_dim), np.float32)
         return l2_normalise(np.concatenate(out))
@@ -167,20 +200,35 @@ class SiglipEncoder:
             return np.zeros((0, self.info.embedding_dim), np.float32)
         return self.embed_pixels(self.preprocess_cpu(images))
 
+    # -- texts -------------------------------------------------------------------------------
+    def _text_side(self):
+        """The text tower and tokenizer, loaded on first use (once, even from several threads)."""
+        if self._text is None:
+            with self._text_lock:
+                if self._text is None:
+                    if self._text_loader is None:
+                        raise ModelLoadError(f"encoder {self.info.model_id!r} has no text tower")
+                    t0 = time.perf_counter()
+                    self._text, self._tokenizer = self._text_loader()
+                    log.debug("loaded the text tower of %s in %.1fs", self.info.model_id, time.perf_counter() - t0)
+        return self._text, self._tokenizer
+
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
+        if not len(texts):
+            return np.zeros((0, self.info.embedding_dim), np.float32)
+        text_model, tokenizer = self._text_side()
+        texts = [t.lower() if self.lowercase else t for t in texts]
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), 256):
-                tok = self.tokenizer(
-                    list(texts[i : i + 256]), padding="max_length", truncation=True,
+                tok = tokenizer(
+                    texts[i : i + 256], padding="max_length", truncation=True,
                     max_length=self.max_text_len, return_tensors="pt",
                 )
-                feats = _pooled(self.model.get_text_features(input_ids=tok["input_ids"].to(self.device)))
+                feats = _pooled(text_model(input_ids=tok["input_ids"].to(self.device)))
                 out.append(feats.float().cpu().numpy())
-        if not out:
-            return np.zeros((0, self.info.embedding_dim), np.float32)
         return l2_normalise(np.concatenate(out))
 
 

@@ -23,8 +23,12 @@ class BadImage(Exception):
     """The bytes are not an image we can use; ``str(e)`` is the skip reason."""
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode and normalise to RGB (transparent areas over white, animations' first frame)."""
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_to: tuple[int, int] | None = None) -> Image.Image:
+    """Decode and normalise to RGB (transparent areas over white, animations' first frame).
+
+    ``draft_to=(w, h)``: a JPEG may be decoded at a reduced DCT scale whose size still covers
+    (w, h) on both sides (what a model that resizes to (w, h) needs); ``img.info["original_size"]``
+    then holds the stored size."""
     if not data:
         raise BadImage("empty file")
     try:
@@ -36,6 +40,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 raise BadImage(f"decompression bomb ({w}x{h} pixels)")
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
+            if draft_to is not None and img.format == "JPEG":
+                img.draft(img.mode, draft_to)
             img.load()
     except BadImage:
         raise
@@ -49,7 +55,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise BadImage(reason) from e
     if img.width < 1 or img.height < 1:
         raise BadImage("zero-size image")
-    return to_rgb(img)
+    out = to_rgb(img)
+    out.info["original_size"] = (w, h)
+    return out
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -17,6 +17,9 @@ from saefe.ingest.store import EmbeddingStore, write_manifest
 
 ATTRIBUTES = "attributes.parquet"
 
+# Protected attribute -> its groups, in the EMOTIC annotations' terms (one 0/1 column per group).
+DEMOGRAPHICS: dict[str, list[str]] = {"gender": ["Male", "Female"], "age": ["Kid", "Teenager", "Adult"]}
+
 
 def write_attributes(store: EmbeddingStore, membership) -> Path:
     df = pd.DataFrame(np.asarray(membership.matrix).astype(np.uint8), columns=list(membership.labels))

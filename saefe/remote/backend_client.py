@@ -13,39 +13,15 @@ from __future__ import annotations
 import base64
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from saefe.remote.clip_client import _env_float, request_with_retries
 from saefe.errors import IncompatibleError, RemoteError
+from saefe.search.types import SearchResult
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-
-
-@dataclass
-class _FallbackResult:
-    """Used only while saefe.search.engine (which defines SearchResult) is absent."""
-
-    id: int
-    score: float
-    metadata: dict = field(default_factory=dict)
-
-
-def _result_cls():
-    try:
-        from saefe.search.engine import SearchResult  # lazy: engine may import this module
-    except ImportError:
-        return _FallbackResult
-    return SearchResult
-
-
-def _make_result(cls, id: int, score: float, metadata: dict):
-    try:
-        return cls(id=id, score=score, metadata=metadata)
-    except TypeError:  # a SearchResult with more required fields: fill what it takes positionally
-        return cls(id, score, metadata)
 
 
 class RemoteBackend:
@@ -174,7 +150,6 @@ class RemoteBackend:
         bad = f"backend at {self.url} sent a malformed search reply"
         if not isinstance(reply, dict) or not isinstance(reply.get("matches"), list):
             raise RemoteError(f"{bad}: expected an object with a 'matches' array")
-        cls = _result_cls()
         out = []
         for rank, m in enumerate(reply["matches"][:k]):
             if not isinstance(m, (list, tuple)) or len(m) < 2:
@@ -194,7 +169,7 @@ class RemoteBackend:
                 meta["width"], meta["height"] = int(size[0]), int(size[1])
             if len(m) > 3 and isinstance(m[3], int):
                 meta["format_bitmask"] = m[3]
-            out.append(_make_result(cls, rank, float(score), meta))
+            out.append(SearchResult(rank, float(score), meta))
         return out
 
     def close(self) -> None:

@@ -19,14 +19,11 @@ switched by flags; their defaults follow ``benchmarks/bench_sae_quality.py`` (se
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
-import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,13 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from saefe.errors import CorpusError, SaefeError
-from saefe.manifest import EncoderInfo, read_json, write_json_atomic
+from saefe.manifest import EncoderInfo
+from saefe.sae.checkpoint import CKPT_DIR, CKPT_JSON, load_checkpoint, restore, save_checkpoint  # noqa: F401
 from saefe.sae.model import SAEConfig, TopKSAE
 
 log = logging.getLogger(__name__)
 
-CKPT_DIR = "checkpoint"
-CKPT_JSON = "state.json"
 RESUME_KEYS = ("d_hidden", "k", "batch_size", "seed", "val_fraction", "pre_bias", "unit_norm", "auxk", "up_proj_bias")
 
 
@@ -207,71 +203,6 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
 
 
-# --------------------------------------------------------------------------------------------
-# checkpoints: safetensors (tensors) + JSON (counters, rng, config); JSON last = commit
-
-
-def _ckpt_tensors(model: TopKSAE, opt: torch.optim.Optimizer, since: torch.Tensor) -> dict[str, torch.Tensor]:
-    t: dict[str, torch.Tensor] = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for p, st in opt.state.items():
-        for key, val in st.items():
-            if isinstance(val, torch.Tensor):
-                t[f"optim.{names[id(p)]}.{key}"] = val.detach().contiguous().cpu()
-    t["tracker.samples_since_fired"] = since.detach().cpu()
-    t["rng.torch"] = torch.get_rng_state()
-    return t
-
-
-def save_checkpoint(out: Path, model, opt, since, state: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    ck = out / CKPT_DIR
-    ck.mkdir(parents=True, exist_ok=True)
-    fname = f"state-{state['step']:09d}.safetensors"
-    tmp = ck / (fname + ".tmp")
-    save_file(_ckpt_tensors(model, opt, since), str(tmp))
-    os.replace(tmp, ck / fname)
-    write_json_atomic(ck / CKPT_JSON, {**state, "tensors": fname, "format": "saefe-sae-checkpoint-1"})
-    for old in ck.glob("state-*.safetensors"):
-        if old.name != fname:
-            old.unlink(missing_ok=True)
-
-
-def load_checkpoint(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    from safetensors.torch import load_file
-
-    ck = out / CKPT_DIR
-    if not (ck / CKPT_JSON).exists():
-        return None
-    try:
-        state = read_json(ck / CKPT_JSON)
-        tensors = load_file(str(ck / state["tensors"]))
-    except Exception as e:  # corrupt checkpoint: say so, let the user restart
-        raise SaefeError(f"checkpoint in {ck} is unreadable ({e}); re-run with --restart to train from scratch") from e
-    return state, tensors
-
-
-def _restore(model: TopKSAE, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], device) -> torch.Tensor:
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    params = dict(model.named_parameters())
-    for name, p in params.items():
-        st = {}
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            t = tensors.get(f"optim.{name}.{key}")
-            if t is not None:
-                # Adam keeps 'step' on the CPU; moments follow the parameter's device and layout
-                st[key] = t.clone() if key == "step" else torch.empty_like(p).copy_(t)
-        if st:
-            opt.state[p] = st
-    if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"])
-    return tensors["tracker.samples_since_fired"].to(device)
-
-
-# --------------------------------------------------------------------------------------------
-
-
 def _key(cfg: TrainConfig, d_hidden: int, k: int, batch: int, n: int, info: EncoderInfo) -> dict[str, Any]:
     return {
         "d_hidden": d_hidden,
@@ -307,55 +238,89 @@ def train_on_vectors(
     index_manifest: dict[str, Any] | None = None,
     sae_init: Callable[[TopKSAE], None] | None = None,
 ) -> TrainResult:
-    """The training loop over an (N, d) array (memmap or in memory)."""
-    t0 = time.time()
-    out = Path(cfg.out_dir)
-    device = resolve_device(cfg.device)
-    n, d_emb = int(vectors.shape[0]), int(vectors.shape[1])
-    d_hidden, k = default_sizes(d_emb, cfg.d_hidden, cfg.k, device)
-    batch = int(cfg.batch_size or (4096 if device.type == "cuda" else 256))
-    lr = float(cfg.lr or default_lr(d_hidden))
-    if cfg.topk_impl not in FORWARDS:
-        raise SaefeError(f"topk_impl must be one of {sorted(FORWARDS)}, got {cfg.topk_impl!r}")
-    forward = FORWARDS[cfg.topk_impl]
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    """The training loop over an (N, d) array (memmap or in memory); see the module doc."""
+    run = _Trainer(cfg, vectors, info, sae_init)
+    run.resume()
+    if not run.loop():
+        save_checkpoint(run.out, run.model, run.opt, run.since, run.ckpt_state())
+        log.info("stopped at step %d (max_steps); re-run to resume", run.step)
+        return TrainResult(run.out, run.step, run.ep, False, run.resumed, time.time() - run.t0)
+    return run.finish(index_manifest)
 
-    train_ids, val_ids = split_ids(n, cfg.val_fraction, cfg.seed)
-    n_train = len(train_ids)
-    batch = min(batch, n_train)
-    steps_per_epoch = math.ceil(n_train / batch)
-    total_steps = steps_per_epoch * cfg.epochs
-    key = _key(cfg, d_hidden, k, batch, n, info)
 
-    torch.manual_seed(cfg.seed)
-    config = SAEConfig(d_emb=d_emb, d_hidden=d_hidden, top_k=k, up_proj_bias=cfg.up_proj_bias, down_proj_bias=True, pre_bias=cfg.pre_bias)
-    model = TopKSAE(config, info).to(device)
-    model.check_input(info, d_emb, "the training index")
-    budget = (8 << 30) if device.type == "cuda" else (2 << 30)
-    data = _Data(vectors, train_ids, device, budget)
+class _Trainer:
+    """One training run's state: set-up, resume, the step, the loop, and the final report."""
 
-    # initialisation beyond the seed's (decoder = encoder transpose is kept)
-    with torch.no_grad():
-        if cfg.pre_bias:
-            sample = np.sort(np.random.Generator(np.random.PCG64(cfg.seed)).permutation(n_train)[: min(n_train, 65536)])
-            model.down_proj.bias.copy_(data.batch(sample).mean(0))
-        if cfg.unit_norm:
-            model.normalise_decoder()
-            model.up_proj.weight.copy_(model.down_proj.weight.T)
-        if sae_init is not None:
-            sae_init(model)
+    def __init__(self, cfg: TrainConfig, vectors: np.ndarray, info: EncoderInfo,
+                 sae_init: Callable[[TopKSAE], None] | None) -> None:
+        self.t0 = time.time()
+        self.cfg, self.vectors, self.info = cfg, vectors, info
+        self.out = Path(cfg.out_dir)
+        self.device = device = resolve_device(cfg.device)
+        n, d_emb = int(vectors.shape[0]), int(vectors.shape[1])
+        self.n = n
+        d_hidden, k = default_sizes(d_emb, cfg.d_hidden, cfg.k, device)
+        self.d_hidden = d_hidden
+        batch = int(cfg.batch_size or (4096 if device.type == "cuda" else 256))
+        self.lr = float(cfg.lr or default_lr(d_hidden))
+        if cfg.topk_impl not in FORWARDS:
+            raise SaefeError(f"topk_impl must be one of {sorted(FORWARDS)}, got {cfg.topk_impl!r}")
+        self.forward = FORWARDS[cfg.topk_impl]
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.train_ids, self.val_ids = split_ids(n, cfg.val_fraction, cfg.seed)
+        self.n_train = n_train = len(self.train_ids)
+        self.batch = batch = min(batch, n_train)
+        self.steps_per_epoch = math.ceil(n_train / batch)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.key = _key(cfg, d_hidden, k, batch, n, info)
 
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10, weight_decay=cfg.weight_decay)
-    since = torch.zeros(d_hidden, dtype=torch.int64, device=device)
-    step, epoch, bstart = 0, 0, 0
-    resumed = False
-    history: list[dict[str, float]] = []
-    ckpt = load_checkpoint(out) if cfg.resume else None
-    if ckpt is None and (out / CKPT_DIR).exists():
-        shutil.rmtree(out / CKPT_DIR)
-    if ckpt is not None:
+        torch.manual_seed(cfg.seed)
+        config = SAEConfig(d_emb=d_emb, d_hidden=d_hidden, top_k=k, up_proj_bias=cfg.up_proj_bias,
+                           down_proj_bias=True, pre_bias=cfg.pre_bias)
+        self.model = model = TopKSAE(config, info).to(device)
+        model.check_input(info, d_emb, "the training index")
+        budget = (8 << 30) if device.type == "cuda" else (2 << 30)
+        self.data = _Data(vectors, self.train_ids, device, budget)
+        self._init_weights(sae_init)
+        self.opt = torch.optim.Adam(model.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10,
+                                    weight_decay=cfg.weight_decay)
+        self.since = torch.zeros(d_hidden, dtype=torch.int64, device=device)
+        self.step, self.epoch, self.bstart, self.ep, self.b = 0, 0, 0, 0, 0
+        self.resumed = False
+        self.history: list[dict[str, float]] = []
+        # variance of the data (sum over dims), for a scale-free loss: loss = batch FVU estimate
+        with torch.no_grad():
+            probe = self.data.batch(np.arange(min(n_train, 65536)))
+            self.data_var = float(((probe - probe.mean(0)) ** 2).sum(-1).mean().clamp_min(1e-12))
+        # dead: no firing in 10x the mean interval of a uniform latent (d_hidden / k samples), or a
+        # quarter epoch if longer; at most 10M samples (the OpenAI top-k SAE recipe's threshold)
+        self.dead_after = int(cfg.dead_after or min(10_000_000, max(10 * d_hidden // k, n_train // 4)))
+        self.k_aux = int(min(cfg.k_aux or d_emb // 2, d_hidden))
+        self.decay_start = self.total_steps * (1 - cfg.lr_decay)
+
+    def _init_weights(self, sae_init: Callable[[TopKSAE], None] | None) -> None:
+        """Initialisation beyond the seed's (decoder = encoder transpose is kept)."""
+        cfg, model = self.cfg, self.model
+        with torch.no_grad():
+            if cfg.pre_bias:
+                sample = np.random.Generator(np.random.PCG64(cfg.seed)).permutation(self.n_train)
+                model.down_proj.bias.copy_(self.data.batch(np.sort(sample[: min(self.n_train, 65536)])).mean(0))
+            if cfg.unit_norm:
+                model.normalise_decoder()
+                model.up_proj.weight.copy_(model.down_proj.weight.T)
+            if sae_init is not None:
+                sae_init(model)
+
+    def resume(self) -> None:
+        """Continue from a checkpoint made with the same settings (else refuse, naming the diff)."""
+        out, key = self.out, self.key
+        ckpt = load_checkpoint(out) if self.cfg.resume else None
+        if ckpt is None and (out / CKPT_DIR).exists():
+            shutil.rmtree(out / CKPT_DIR)
+        if ckpt is None:
+            return
         state, tensors = ckpt
         if state.get("key") != key:
             diff = {kk: (state.get("key", {}).get(kk), key[kk]) for kk in key if state.get("key", {}).get(kk) != key[kk]}
@@ -363,131 +328,138 @@ def train_on_vectors(
                 f"checkpoint in {out / CKPT_DIR} was made with other settings {diff} (checkpoint, now); "
                 "re-run with the same settings to resume, or with --restart to start over"
             )
-        since = _restore(model, opt, tensors, device)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        step, epoch, bstart = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        history = list(state.get("history", []))
-        resumed = True
-        log.info("resuming %s from step %d (epoch %d, batch %d)", out, step, epoch, bstart)
+        self.since = restore(self.model, self.opt, tensors, self.device)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+        self.step, self.epoch, self.bstart = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        self.ep, self.b = self.epoch, self.bstart
+        self.history = list(state.get("history", []))
+        self.resumed = True
+        log.info("resuming %s from step %d (epoch %d, batch %d)", out, self.step, self.epoch, self.bstart)
 
-    # variance of the data (sum over dims), for a scale-free loss: loss = batch FVU estimate
-    with torch.no_grad():
-        probe = data.batch(np.arange(min(n_train, 65536)))
-        data_var = float(((probe - probe.mean(0)) ** 2).sum(-1).mean().clamp_min(1e-12))
-    # dead: no firing in 10x the mean interval of a uniform latent (d_hidden / k samples), or a
-    # quarter epoch if longer; at most 10M samples (the OpenAI top-k SAE recipe's threshold)
-    dead_after = int(cfg.dead_after or min(10_000_000, max(10 * d_hidden // k, n_train // 4)))
-    k_aux = int(min(cfg.k_aux or d_emb // 2, d_hidden))
+    def lr_factor(self, s: int) -> float:
+        """Constant, then linear to 0 over the last ``lr_decay`` of the steps."""
+        if s < self.decay_start:
+            return 1.0
+        return max(0.0, (self.total_steps - s) / max(self.total_steps - self.decay_start, 1))
 
-    decay_start = total_steps * (1 - cfg.lr_decay)
+    def ckpt_state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.ep, "batch_in_epoch": self.b, "key": self.key, "lr": self.lr,
+                "history": self.history[-200:],
+                "rng": {"data_order": "numpy PCG64([seed, epoch]).permutation(n_train)", "seed": self.cfg.seed},
+                "total_steps": self.total_steps, "time": time.time()}
 
-    def lr_factor(s: int) -> float:  # constant, then linear to 0 over the last lr_decay of the steps
-        return 1.0 if s < decay_start else max(0.0, (total_steps - s) / max(total_steps - decay_start, 1))
+    def train_step(self, x: torch.Tensor):
+        """One optimiser step on batch ``x`` (n, d_emb); returns (loss, err, aux_loss)."""
+        cfg, model = self.cfg, self.model
+        x_hat, values, indices, pre = self.forward(model, x)
+        err = x - x_hat
+        loss = (err**2).sum(-1).mean() / self.data_var
+        aux_loss = None
+        dead = self.since >= self.dead_after
+        n_dead = int(dead.sum())
+        if cfg.auxk and n_dead > 0:
+            with torch.no_grad():
+                aux_idx = torch.topk(pre.masked_fill(~dead, float("-inf")), min(self.k_aux, n_dead), dim=-1,
+                                     sorted=False).indices
+            aux_vals = F.relu(model.gather_values(x, aux_idx))
+            e_hat = F.embedding_bag(aux_idx, model.down_proj.weight.T, per_sample_weights=aux_vals, mode="sum")
+            e = err.detach()
+            aux_loss = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum().clamp_min(1e-12)
+            if torch.isfinite(aux_loss):
+                loss = loss + cfg.auxk_coef * aux_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr * self.lr_factor(self.step)
+        if cfg.unit_norm:  # keep decoder columns on the unit sphere: drop the radial gradient
+            with torch.no_grad():
+                w, g = model.down_proj.weight, model.down_proj.weight.grad
+                if g is not None:
+                    g.sub_(w * (g * w).sum(0, keepdim=True))
+        self.opt.step()
+        if cfg.unit_norm:
+            model.normalise_decoder()
+        with torch.no_grad():
+            fired = torch.bincount(indices[values > 0].flatten(), minlength=self.d_hidden) > 0
+            self.since += x.shape[0]
+            self.since[fired] = 0
+        return loss, err, aux_loss
 
-    def ckpt_state(ep: int, b: int) -> dict[str, Any]:
-        return {"step": step, "epoch": ep, "batch_in_epoch": b, "key": key, "lr": lr, "history": history[-200:],
-                "rng": {"data_order": "numpy PCG64([seed, epoch]).permutation(n_train)", "seed": cfg.seed},
-                "total_steps": total_steps, "time": time.time()}
+    def _log(self, bar, loss, err, aux_loss) -> None:
+        fvu = float((err.detach() ** 2).sum(-1).mean() / self.data_var)
+        if not math.isfinite(fvu):
+            raise SaefeError(f"training diverged at step {self.step} (loss {fvu}); try a lower --lr")
+        dead_frac = float((self.since >= self.dead_after).double().mean())
+        self.history.append({"step": self.step, "fvu": round(fvu, 6), "dead": round(dead_frac, 6),
+                             **({"aux": round(float(aux_loss.detach()), 6)} if aux_loss is not None else {})})
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", fvu=f"{fvu:.4f}", dead=f"{dead_frac:.1%}", ep=self.ep)
 
-    from tqdm.auto import tqdm
+    def loop(self) -> bool:
+        """Run the epochs; True when finished, False when stopped at ``max_steps``.
+        Ctrl-C saves a checkpoint first; checkpoints are also saved every ``checkpoint_every_s``."""
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=min(step, total_steps), disable=not cfg.progress, desc=f"train-sae {out.name}", unit="step", dynamic_ncols=True)
-    last_ckpt = time.time()
-    stopped = False
-    model.train()
-    ep, b = epoch, bstart
-    try:
-        while ep < cfg.epochs and not stopped:
-            perm = _epoch_perm(n_train, cfg.seed, ep)
-            b = bstart if ep == epoch else 0
-            while b < steps_per_epoch:
-                if cfg.max_steps is not None and step >= cfg.max_steps:
-                    stopped = True
-                    break
-                x = data.batch(perm[b * batch : (b + 1) * batch])
-                x_hat, values, indices, pre = forward(model, x)
-                err = x - x_hat
-                loss = (err**2).sum(-1).mean() / data_var
-                aux_loss = None
-                dead = since >= dead_after
-                n_dead = int(dead.sum())
-                if cfg.auxk and n_dead > 0:
-                    ka = min(k_aux, n_dead)
-                    with torch.no_grad():
-                        aux_idx = torch.topk(pre.masked_fill(~dead, float("-inf")), ka, dim=-1, sorted=False).indices
-                    aux_vals = F.relu(model.gather_values(x, aux_idx))
-                    table = model.down_proj.weight.T
-                    e_hat = F.embedding_bag(aux_idx, table, per_sample_weights=aux_vals, mode="sum")
-                    e = err.detach()
-                    aux_loss = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum().clamp_min(1e-12)
-                    if torch.isfinite(aux_loss):
-                        loss = loss + cfg.auxk_coef * aux_loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for g in opt.param_groups:
-                    g["lr"] = lr * lr_factor(step)
-                if cfg.unit_norm:
-                    with torch.no_grad():
-                        w, g = model.down_proj.weight, model.down_proj.weight.grad
-                        if g is not None:
-                            g.sub_(w * (g * w).sum(0, keepdim=True))
-                opt.step()
-                if cfg.unit_norm:
-                    model.normalise_decoder()
-                with torch.no_grad():
-                    fired = torch.bincount(indices[values > 0].flatten(), minlength=d_hidden) > 0
-                    since += x.shape[0]
-                    since[fired] = 0
-                step += 1
-                b += 1
-                if step % 10 == 0 or b == steps_per_epoch:
-                    fvu = float((err.detach() ** 2).sum(-1).mean() / data_var)
-                    if not math.isfinite(fvu):
-                        raise SaefeError(f"training diverged at step {step} (loss {fvu}); try a lower --lr")
-                    dead_frac = float((since >= dead_after).double().mean())
-                    history.append({"step": step, "fvu": round(fvu, 6), "dead": round(dead_frac, 6), **({"aux": round(float(aux_loss.detach()), 6)} if aux_loss is not None else {})})
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", fvu=f"{fvu:.4f}", dead=f"{dead_frac:.1%}", ep=ep)
-                bar.update(1)
-                if time.time() - last_ckpt > cfg.checkpoint_every_s:
-                    save_checkpoint(out, model, opt, since, ckpt_state(ep, b))
-                    last_ckpt = time.time()
-            if not stopped:
-                ep += 1
-                b = 0
-    except KeyboardInterrupt:
-        save_checkpoint(out, model, opt, since, ckpt_state(ep, b))
-        bar.close()
-        raise
-    bar.close()
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=min(self.step, self.total_steps), disable=not cfg.progress,
+                   desc=f"train-sae {self.out.name}", unit="step", dynamic_ncols=True)
+        last_ckpt = time.time()
+        self.model.train()
+        try:
+            while self.ep < cfg.epochs:
+                perm = _epoch_perm(self.n_train, cfg.seed, self.ep)
+                self.b = self.bstart if self.ep == self.epoch else 0
+                while self.b < self.steps_per_epoch:
+                    if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                        return False
+                    x = self.data.batch(perm[self.b * self.batch : (self.b + 1) * self.batch])
+                    loss, err, aux_loss = self.train_step(x)
+                    self.step += 1
+                    self.b += 1
+                    if self.step % 10 == 0 or self.b == self.steps_per_epoch:
+                        self._log(bar, loss, err, aux_loss)
+                    bar.update(1)
+                    if time.time() - last_ckpt > cfg.checkpoint_every_s:
+                        save_checkpoint(self.out, self.model, self.opt, self.since, self.ckpt_state())
+                        last_ckpt = time.time()
+                self.ep += 1
+                self.b = 0
+        except KeyboardInterrupt:
+            save_checkpoint(self.out, self.model, self.opt, self.since, self.ckpt_state())
+            raise
+        finally:
+            bar.close()
+        return True
 
-    if stopped:
-        save_checkpoint(out, model, opt, since, ckpt_state(ep, b))
-        log.info("stopped at step %d (max_steps); re-run to resume", step)
-        return TrainResult(out, step, ep, False, resumed, time.time() - t0)
+    def finish(self, index_manifest: dict[str, Any] | None) -> TrainResult:
+        """Save the SAE, evaluate on validation, write the report, drop the checkpoint."""
+        from saefe.sae import metrics as sae_metrics
 
-    # finished: save the SAE, evaluate on validation, write the report, drop the checkpoint
-    from saefe.sae import metrics as sae_metrics
-
-    model.eval()
-    name = cfg.name or out.name
-    training = {
-        "name": name,
-        "lr": lr, "epochs": cfg.epochs, "steps": step, "batch_size": batch, "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction, "n_train": n_train, "n_val": len(val_ids),
-        "options": {"pre_bias": cfg.pre_bias, "unit_norm": cfg.unit_norm, "auxk": cfg.auxk, "auxk_coef": cfg.auxk_coef,
-                    "k_aux": k_aux, "dead_after": dead_after, "topk_impl": cfg.topk_impl, "weight_decay": cfg.weight_decay, "lr_decay": cfg.lr_decay},
-        "device": str(device),
-    }
-    index_part = {"dir": str(Path(cfg.index_dir).resolve()), "count": n}
-    if index_manifest is not None:
-        index_part["manifest"] = {kk: index_manifest.get(kk) for kk in ("format_version", "encoder", "count", "dim") if kk in index_manifest}
-    model.save_pretrained(out, extra={"name": name, "training": training, "index": index_part})
-    metrics, counts = sae_metrics.evaluate(model, vectors, val_ids, batch=min(1024, batch * 4), device=device)
-    sae_metrics.write_report(out, metrics, counts, extra={"training": {**training, "seconds": round(time.time() - t0, 2), "history": history[-50:]}, "index": index_part})
-    if (out / CKPT_DIR).exists():
-        shutil.rmtree(out / CKPT_DIR)
-    return TrainResult(out, step, ep, True, resumed, time.time() - t0, metrics)
+        cfg, out = self.cfg, self.out
+        self.model.eval()
+        name = cfg.name or out.name
+        training = {
+            "name": name,
+            "lr": self.lr, "epochs": cfg.epochs, "steps": self.step, "batch_size": self.batch, "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction, "n_train": self.n_train, "n_val": len(self.val_ids),
+            "options": {"pre_bias": cfg.pre_bias, "unit_norm": cfg.unit_norm, "auxk": cfg.auxk,
+                        "auxk_coef": cfg.auxk_coef, "k_aux": self.k_aux, "dead_after": self.dead_after,
+                        "topk_impl": cfg.topk_impl, "weight_decay": cfg.weight_decay, "lr_decay": cfg.lr_decay},
+            "device": str(self.device),
+        }
+        index_part = {"dir": str(Path(cfg.index_dir).resolve()), "count": self.n}
+        if index_manifest is not None:
+            index_part["manifest"] = {kk: index_manifest.get(kk) for kk in ("format_version", "encoder", "count", "dim")
+                                      if kk in index_manifest}
+        self.model.save_pretrained(out, extra={"name": name, "training": training, "index": index_part})
+        metrics, counts = sae_metrics.evaluate(self.model, self.vectors, self.val_ids, batch=min(1024, self.batch * 4),
+                                               device=self.device)
+        sae_metrics.write_report(out, metrics, counts, extra={
+            "training": {**training, "seconds": round(time.time() - self.t0, 2), "history": self.history[-50:]},
+            "index": index_part})
+        if (out / CKPT_DIR).exists():
+            shutil.rmtree(out / CKPT_DIR)
+        return TrainResult(out, self.step, self.ep, True, self.resumed, time.time() - self.t0, metrics)
 
 
 # --------------------------------------------------------------------------------------------

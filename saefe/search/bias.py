@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Attribute -> its groups, in the EMOTIC annotations' terms.
-DEMOGRAPHICS: dict[str, list[str]] = {"gender": ["Male", "Female"], "age": ["Kid", "Teenager", "Adult"]}
+from saefe.labels.attributes import DEMOGRAPHICS  # noqa: F401 - re-exported (attribute -> groups)
 
 
 @dataclass
@@ -23,10 +22,34 @@ class BiasReport:
     base_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     max_skew: dict[str, float] = field(default_factory=dict)
     ndkl: dict[str, float] = field(default_factory=dict)
+    estimated: dict[str, bool] = field(default_factory=dict)  # attribute -> some groups are probe estimates
+    sources: dict[str, str] = field(default_factory=dict)  # attribute -> labels | estimates | labels+estimates
 
     def to_dict(self) -> dict:
-        return {"k": self.k, "shares": self.shares, "base_rates": self.base_rates,
-                "max_skew": self.max_skew, "ndkl": self.ndkl}
+        return _finite({"k": self.k, "shares": self.shares, "base_rates": self.base_rates,
+                        "max_skew": self.max_skew, "ndkl": self.ndkl, "estimated": self.estimated,
+                        "sources": self.sources})
+
+    def by_attribute(self) -> dict:
+        """``{ATTR: {"groups": {GROUP: {"results": share, "corpus": share}}, "max_skew", "ndkl",
+        "estimated", "source"}}``: the ``bias`` member of ``saefe search --bias --json``."""
+        out = {}
+        for attr, shares in self.shares.items():
+            out[attr] = {
+                "groups": {g: {"results": s, "corpus": self.base_rates[attr][g]} for g, s in shares.items()},
+                "max_skew": self.max_skew.get(attr), "ndkl": self.ndkl.get(attr),
+                "estimated": bool(self.estimated.get(attr, False)), "source": self.sources.get(attr, "labels"),
+            }
+        return _finite(out)
+
+
+def _finite(o):
+    """NaN -> None, so the JSON is valid."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    return o
 
 
 def _dist(member: np.ndarray) -> np.ndarray:
@@ -67,4 +90,16 @@ def measure_bias(ranked_ids: np.ndarray, attributes, groups: dict[str, list[str]
             z += w
             acc += w * _kl(cum / cum.sum(), base)
         rep.ndkl[attr] = acc / z if z > 0 else float("nan")
+    return rep
+
+
+def measure_demographics(ranked_ids: np.ndarray, demographics) -> BiasReport:
+    """``measure_bias`` over a :class:`saefe.labels.demographics.Demographics` (labels and/or
+    estimates, counted with their probabilities), recording for each attribute whether estimates
+    were involved."""
+    rep = measure_bias(ranked_ids, demographics.frame(), demographics.groups())
+    for attr, ag in demographics.attributes.items():
+        if attr in rep.shares:
+            rep.estimated[attr] = ag.any_estimated
+            rep.sources[attr] = ag.source
     return rep

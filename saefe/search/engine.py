@@ -27,43 +27,12 @@ from saefe.errors import IncompatibleError, SaefeError, SteeringError
 from saefe.manifest import EncoderInfo
 from saefe.search.mix import check_weight as _check_weight
 from saefe.ingest.store import EmbeddingStore
+from saefe.labels.attributes import ATTRIBUTES
+from saefe.search.types import MIX_KINDS, MODES, TERM_KINDS, FeatureReport, SearchResult, Term
 
 log = logging.getLogger(__name__)
 
 DEMO_INDEX = "index/demo"
-from saefe.labels.attributes import ATTRIBUTES
-MODES = ("direction", "features")
-TERM_KINDS = ("embedding", "text", "image", "label", "expr", "features", "predefined")
-MIX_KINDS = ("label", "expr", "features")
-
-
-@dataclass
-class Term:
-    """One query term. value: list of floats | str | image bytes / PIL | label | expression |
-    {feature id: weight}; weight may be negative (push away)."""
-
-    kind: str
-    value: Any
-    weight: float = 1.0
-
-
-@dataclass
-class SearchResult:
-    id: int
-    score: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": int(self.id), "score": float(self.score), **self.metadata}
-
-
-@dataclass
-class FeatureReport:
-    feature: int
-    frequency: float | None
-    top: list[SearchResult]
-    bottom: list[SearchResult]
-    labels: list[tuple[str, float]]
 
 
 def _unit(v: np.ndarray, what: str) -> np.ndarray:
@@ -307,10 +276,16 @@ class Engine:
         top, scores = self.ranker.rank(ids, ws, k)
         return self._results(top, scores)
 
-    def search(self, terms: Sequence[Term], k: int = 20, mode: str = "direction") -> list[SearchResult]:
+    def search(self, terms: Sequence[Term], k: int = 20, mode: str = "direction", debias=None) -> list[SearchResult]:
+        """Top-k for ``terms``; ``debias`` (a saefe.search.debias.DebiasConfig) attenuates bias and
+        returns a list that also carries ``.info``."""
         if mode not in MODES:
             raise SaefeError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
         k = _check_k(k)
+        if debias is not None:
+            from saefe.search.debias import debiased_search
+
+            return debiased_search(self, terms, k, mode, debias)
         if mode == "direction":
             return self.search_vector(self.query_vector(terms), k)
         if not terms:
@@ -383,12 +358,22 @@ class Engine:
             labels = [(ls.label, float(ls.score)) for ls in self.profiles.labels_for_feature(j)]
         return FeatureReport(j, freq, self._results(i_top[0], s_top[0] + b), self._results(i_bot[0], -s_bot[0] + b), labels)
 
-    def bias(self, results: Sequence[SearchResult]):
-        from saefe.search.bias import measure_bias
+    @cached_property
+    def demographics(self):
+        """Per-image groups of the protected attributes: labels where they exist, probe estimates elsewhere."""
+        from saefe.labels.estimates import load_demographics
 
-        if self.attributes is None:
-            raise SaefeError(f"no per-image demographic labels for {self.store.dir} ({ATTRIBUTES}); build labels from annotations")
-        return measure_bias(np.array([r.id for r in results], dtype=np.int64), self.attributes)
+        return load_demographics(self.store, self.attributes, self.profiles, self.sae, self.sae_dir)
+
+    def bias(self, results: Sequence[SearchResult]):
+        """The results' demographic make-up (BiasReport; ``.by_attribute()`` is the JSON shape)."""
+        from saefe.search.bias import measure_demographics
+        from saefe.search.debias import local_ids
+
+        if not self.demographics.attributes:
+            raise SaefeError(f"no per-image demographic labels for {self.store.dir} ({ATTRIBUTES}) and no probes to "
+                             "estimate them; run `saefe labels --annotations` (probes are fit there)")
+        return measure_demographics(local_ids(self, results), self.demographics)
 
 
 def _check_k(k) -> int:

@@ -7,6 +7,14 @@
   Reply ``{"matches": [[score, filename_or_url, sha256 or "", 0, [width, height] | null, null], ...],
   "formats": [], "extensions": {}}``. A bad request (unknown term type, wrong dimension, bad base64,
   NaN, undecodable image, unknown predefined name) gets 400 ``{"error": message}``.
+- Optional ``"debias": {"method": "rerank" | "ablate" | "project" | "ablate+rerank"..., "protect":
+  "gender" | ["gender", "age"], "target": "corpus" | "parity" | "Male=0.5,Female=0.5", "pool": int}``
+  (an extension; meme-search-engine clients never send it): ``project`` and ``rerank`` act on the
+  query vector and the ranked list as in ``saefe search --debias``; ``ablate`` acts on
+  ``predefined_embedding`` terms (label mixes) and leaves other terms as they are. The reply then
+  also has ``"debias": {...}`` saying what was done, which groups are estimates, and whether the
+  target shares were met. A bad debias request (unknown method, an attribute with no labels and
+  no probe) is a 400.
 - ``GET /`` -> ``{"n_total", "predefined_embedding_names", "d_emb"}``; ``GET /metrics`` Prometheus text.
 
 Permissive CORS like the original, so a browser front end on another origin can query it. The
@@ -72,6 +80,25 @@ class QueryPlanner:
         self.engine = engine
         self.dim = int(engine.dim)
 
+    def parse_debias(self, body):
+        """The optional ``debias`` member as a DebiasConfig (None when absent)."""
+        spec = body.get("debias") if isinstance(body, dict) else None
+        if spec is None:
+            return None
+        from saefe.errors import SaefeError
+        from saefe.search.debias import DebiasConfig
+
+        if not isinstance(spec, dict):
+            raise QueryError("'debias' must be an object like {\"method\": \"rerank\", \"protect\": \"gender\"}")
+        pool = spec.get("pool")
+        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int)):
+            raise QueryError(f"debias 'pool' must be an integer, got {pool!r}")
+        try:
+            return DebiasConfig.parse(spec.get("method"), spec.get("protect"), spec.get("target") or "corpus",
+                                      pool=pool)
+        except SaefeError as e:
+            raise QueryError(f"debias: {e}") from None
+
     def parse(self, body) -> tuple[list[tuple[str, object, float]], int]:
         if not isinstance(body, dict):
             raise QueryError("request must be a JSON object with 'terms'")
@@ -132,8 +159,9 @@ class QueryPlanner:
             raise QueryError(f"term {i}: unknown predefined_embedding {value!r} (available: {names})")
         return value
 
-    def query_vector(self, parsed) -> np.ndarray:
-        """Blocking: embeds text/image terms through the engine."""
+    def query_vector(self, parsed, flagged=None) -> np.ndarray:
+        """Blocking: embeds text/image terms through the engine (``flagged``: features that ablate
+        removes from predefined label mixes)."""
         from saefe.errors import SaefeError
 
         total = np.zeros(self.dim, np.float32)
@@ -145,6 +173,10 @@ class QueryPlanner:
                     v = self.engine.embed_text(value)
                 elif kind == "image":
                     v = self.engine.embed_image_bytes(value)
+                elif flagged is not None:
+                    from saefe.search.debias import ablated_direction
+
+                    v = ablated_direction(self.engine, value, flagged)
                 else:
                     v = self.engine.predefined[value]
             except SaefeError as e:
@@ -156,17 +188,28 @@ class QueryPlanner:
             total += weight * _normalised(np.asarray(v, dtype=np.float32), f"{kind} term embedding")
         return _normalised(total, "the weighted sum of the terms")
 
-    def search(self, parsed, k: int) -> list:
+    def search(self, parsed, k: int, debias=None):
+        """Matches; with ``debias`` (a DebiasConfig), (matches, the debias info as a dict)."""
         from saefe.errors import RemoteError, SaefeError
 
-        q = self.query_vector(parsed)
+        k = min(k, max(1, int(self.engine.n_total)))
         try:
-            results = self.engine.search_vector(q, min(k, max(1, int(self.engine.n_total))))
+            if debias is None:
+                return [_to_match(r) for r in self.engine.search_vector(self.query_vector(parsed), k)]
+            from saefe.search.debias import flagged_features, start, vector_search
+
+            attrs, targets, info = start(self.engine, debias)
+            flagged = None
+            if "ablate" in debias.methods:
+                flagged = flagged_features(self.engine, attrs, debias.threshold)
+                if not any(kind == "predefined_embedding" for kind, _, _ in parsed):
+                    info.notes.append("ablate acts on predefined_embedding terms (label mixes); none was given")
+            results = vector_search(self.engine, self.query_vector(parsed, flagged), k, debias, attrs, targets, info)
         except RemoteError:
             raise  # the engine's own remote backend failed: a server-side error (500)
         except SaefeError as e:
             raise QueryError(str(e)) from None
-        return [_to_match(r) for r in results]
+        return [_to_match(r) for r in results], results.info.to_dict()
 
 
 def make_app(engine):
@@ -200,11 +243,15 @@ def make_app(engine):
             except ValueError:
                 raise QueryError("request body is not valid JSON") from None
             parsed, k = planner.parse(body)
+            debias = planner.parse_debias(body)
             for kind, _, _ in parsed:
                 metrics.inc("saefe_backend_terms_total", type=kind)
             loop = asyncio.get_running_loop()
-            matches = await loop.run_in_executor(executor, planner.search, parsed, k)
+            found = await loop.run_in_executor(executor, planner.search, parsed, k, debias)
+            matches, info = found if debias is not None else (found, None)
             status, out = 200, {"matches": matches, "formats": [], "extensions": {}}
+            if info is not None:
+                out["debias"] = info
         except QueryError as e:
             metrics.inc("saefe_backend_errors_total", reason="bad_request")
             status, out = 400, {"error": str(e)}
