@@ -107,7 +107,7 @@ def measure(model: str, out: Path, n: int, seed: int) -> dict:
     build_demo(DemoBuildConfig(build=BuildConfig(out=str(out / "index"), model=model, progress=False),
                                n=n, seed=seed, sae_out=str(out / "sae")))
     build_s = time.time() - t0
-    eng = Engine.open(out / "index", sae_dir=out / "sae")
+    eng = Engine.open(out / "index", sae_dir=out / "sae", model=model)
     x = eng.store.vectors_f32()
     ann = pd.read_csv(out / "index" / "demo" / "annotations.csv")
     order = {name: i for i, name in enumerate(ann.Filename)}

@@ -117,8 +117,11 @@ def write_model_dir(model, out_dir: str | os.PathLike, cfg: TinySiglipConfig, fp
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from saefe.ingest.towers import transformers_notices
+
     model.config.name_or_path = model_id
-    model.save_pretrained(out, safe_serialization=True)
+    with transformers_notices():  # its "writing shards" bar and config remarks are not news
+        model.save_pretrained(out, safe_serialization=True)
     if fp16:
         import torch
 
