@@ -24,7 +24,12 @@ def main() -> int:
     if not (Path(args.index) / "manifest.json").exists():
         print(f"error: no index at {args.index}; build the demo first: python scripts/build_index.py", file=sys.stderr)
         return 2
-    env = dict(os.environ, SAEFE_APP_INDEX=str(Path(args.index).resolve()), SAEFE_SCREENSHOTS=str(Path(args.out).resolve()))
+    index = Path(args.index).resolve()
+    try:  # shown in the page header: keep it short and machine-independent
+        index = index.relative_to(REPO)
+    except ValueError:
+        pass
+    env = dict(os.environ, SAEFE_APP_INDEX=str(index), SAEFE_SCREENSHOTS=str(Path(args.out).resolve()))
     cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(REPO / "tests" / "test_app_browser.py")]
     return subprocess.call(cmd, env=env, cwd=REPO)
 
