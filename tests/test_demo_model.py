@@ -181,3 +181,22 @@ def test_training_cli_tiny(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "demo model:" in out and (tmp_path / "m" / tm.WEIGHTS).exists()
     assert main(["train-demo-model", "--train-seed", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_demo_build_replaces_an_index_of_the_retired_random_model(tmp_path, capsys):
+    """An index/demo embedded by 'saefe/tiny-siglip' is generated data: the demo build redoes it."""
+    from saefe.demo.pipeline import DemoBuildConfig, build_demo
+    from saefe.ingest.build import BuildConfig
+    from saefe.manifest import read_json, write_json_atomic
+
+    cfg = DemoBuildConfig(build=BuildConfig(out=str(tmp_path / "idx"), progress=False), n=24, seed=5, with_sae=False)
+    build_demo(cfg)
+    m = read_json(tmp_path / "idx" / "manifest.json")
+    m["build_key"]["model"] = m["encoder"]["model_id"] = "saefe/tiny-siglip"  # as an old build left it
+    write_json_atomic(tmp_path / "idx" / "manifest.json", m)
+    capsys.readouterr()
+    summary = build_demo(cfg)
+    assert "retired random-weight demo model" in capsys.readouterr().out
+    assert summary.embedded_now == 24
+    assert read_json(tmp_path / "idx" / "manifest.json")["encoder"]["model_id"] == tm.DEMO_MODEL_ID
+    assert build_demo(cfg).embedded_now == 0  # and then it is simply complete
