@@ -1,11 +1,16 @@
 """Index benchmark: build time, memory, single-query latency and recall@10 for each index type.
 
-Synthetic 1152-d vectors with the structure of real image embeddings (a shared mean direction,
-clustered topics in a low-rank subspace, isotropic noise), L2-normalised. Exact (flat) search
-is the baseline for recall and latency, measured in the same run.
+Two synthetic 1152-d generators, L2-normalised:
+- ``clustered`` (default): the structure of real image embeddings (a shared mean direction,
+  clustered topics in a low-rank subspace, isotropic noise);
+- ``hard``: each vector a sparse mix of 24 of 8192 random directions plus noise: a high intrinsic
+  dimension, where graph and cluster indexes lose their edge over a scan.
+Exact (flat) search is the baseline for recall and latency, measured in the same run. ``auto``
+prints the choice it recorded (kept candidate or exact fallback, with its own measurements).
 
     python benchmarks/bench_index.py                      # 100k and 1M, all types
     python benchmarks/bench_index.py --sizes 100000 --types flat ivf
+    python benchmarks/bench_index.py --data hard --sizes 120000 --types flat flat-fp16 auto
 """
 
 from __future__ import annotations
@@ -57,6 +62,27 @@ def synthetic(n: int, d: int = 1152, seed: int = 0, topic_size: int = 50, rank: 
     return out
 
 
+def hard(n: int, d: int = 1152, seed: int = 0, n_dirs: int = 8192, n_active: int = 24, noise: float = 0.1) -> np.ndarray:
+    """fp16 (n, d): each row a positive mix of ``n_active`` of ``n_dirs`` random unit directions
+    (drawn with replacement: a repeat just adds weight) plus isotropic noise."""
+    rng = np.random.default_rng(seed)
+    dirs = rng.standard_normal((n_dirs, d), dtype=np.float32)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    out = np.empty((n, d), np.float16)
+    for lo in range(0, n, 10_000):
+        m = min(10_000, n - lo)
+        idx = rng.integers(0, n_dirs, (m, n_active))
+        w = rng.exponential(1.0, (m, n_active)).astype(np.float32)
+        x = np.zeros((m, d), np.float32)
+        for j in range(n_active):
+            x += w[:, j, None] * dirs[idx[:, j]]
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x += noise * rng.standard_normal((m, d), dtype=np.float32) / math.sqrt(d)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[lo : lo + m] = x
+    return out
+
+
 def latency_ms(vi: VectorIndex, q: np.ndarray, k: int = 10) -> tuple[float, float]:
     ts = []
     for row in q:
@@ -74,6 +100,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300, help="single queries timed (flat: at most 30)")
     ap.add_argument("--recall-queries", type=int, default=500)
     ap.add_argument("--target-recall", type=float, default=0.95)
+    ap.add_argument("--data", choices=["clustered", "hard"], default="clustered")
     args = ap.parse_args()
     import faiss
 
@@ -81,10 +108,11 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         t = time.time()
-        both = synthetic(n + max(args.queries, args.recall_queries), args.dim)  # queries: same distribution
+        gen = hard if args.data == "hard" else synthetic
+        both = gen(n + max(args.queries, args.recall_queries), args.dim)  # queries: same distribution
         base, qs = both[:n], both[n:].astype(np.float32)
         del both
-        print(f"\nN={n:,}: data generated in {time.time() - t:.0f}s", flush=True)
+        print(f"\nN={n:,} ({args.data}): data generated in {time.time() - t:.0f}s", flush=True)
         rq = qs[: args.recall_queries]
         t = time.time()
         _, truth = _exact_search(base, rq, 10)
@@ -98,9 +126,12 @@ def main() -> None:
             mem = rss_mb() - r0
             _, got = vi.search(rq, 10)
             rec = recall_at_k(got, truth)
-            nq = min(args.queries, 30) if kind == "flat" else args.queries
+            nq = min(args.queries, 30) if kind.startswith("flat") or vi.kind.startswith("flat") else args.queries
             p50, p99 = latency_ms(vi, qs[-nq:])
-            params = {k: v for k, v in vi.params.items() if k != "kind"}
+            params = {k: v for k, v in vi.params.items() if k not in ("kind", "choice", "measured")}
+            if kind == "auto":
+                params = {"chose": vi.kind, **params}
+                print(f"  auto: {vi.params.get('choice')}", flush=True)
             rows.append((n, kind, build_s, mem, p50, p99, rec, params))
             print(f"  {kind:8s} build {build_s:7.1f}s  mem {mem:8.0f} MB  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  "
                   f"recall@10 {rec:.3f}  {params}", flush=True)

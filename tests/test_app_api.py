@@ -281,12 +281,12 @@ def test_ui_debias_control_and_audit_panel(served):
     st = app.state
     zeros = [0.0] * st.n_slots + [""] * st.n_custom + [0.0] * st.n_custom
     out = app._label_op("apply", "Esteem", 1, {}, zeros)
-    gallery, rows, vec, bias, status, _ = app._search_mix(out[0], out[1:-1], "direction", 20,
+    gallery, rows, vec, bias, status, *_ = app._search_mix(out[0], out[1:-1], "direction", 20,
                                                            ("rerank", ["gender"], "parity"))
     assert len(rows) == 20 and "before" in bias and "debiased (rerank; target met)" in status
     male = app.engine.attributes["Male"].to_numpy()
     assert male[[r["id"] for r in rows]].mean() == 0.5
-    _, _, _, bias, status, _ = app._search_mix(out[0], out[1:-1], "direction", 20, ("none", ["gender"], "corpus"))
+    _, _, _, bias, status, *_ = app._search_mix(out[0], out[1:-1], "direction", 20, ("none", ["gender"], "corpus"))
     assert "before" not in bias and "debiased" not in status
     head, table, strips, strip, status = fairness.audit_view(app, "Esteem", "gender")
     assert table and set(strips) == {row[0] for row in table} and strip and "audited Esteem" in status

@@ -292,8 +292,9 @@ def test_approximate_indexes_tune_and_round_trip(tmp_path):
     again = VectorIndex.load(tmp_path)
     assert again.kind == "ivf" and again.params["nprobe"] == vi.params["nprobe"]
     assert np.array_equal(again.search(q[:5], 10)[1], vi.search(q[:5], 10)[1])
-    hn = VectorIndex.build(x, IndexConfig(flat_max=1000))  # auto above the threshold, no GPU: HNSW
-    assert hn.kind == "hnsw" and hn.params["ef_search"] >= 16
+    # auto above the threshold, no GPU: HNSW (kept whatever it measures: no recall or speed-up asked)
+    hn = VectorIndex.build(x, IndexConfig(flat_max=1000, min_speedup=0, target_recall=0.0))
+    assert hn.kind == "hnsw" and hn.params["ef_search"] >= 16 and "recall_at_10" in hn.params["measured"]
     assert hn.search(q, 10)[1].shape == (200, 10)
     hn.save(tmp_path)
     assert VectorIndex.load(tmp_path).index.hnsw.efSearch == hn.params["ef_search"]

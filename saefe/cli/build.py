@@ -7,6 +7,7 @@ import argparse
 from saefe.errors import SaefeError
 
 import saefe.ingest.build as _build
+from saefe.ingest.index import parse_bytes
 from saefe.demo.pipeline import DEMO_INDEX, DEMO_SAE, DemoBuildConfig, build_demo
 
 
@@ -27,10 +28,15 @@ def build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flat-max", type=int, default=_build.IndexConfig.flat_max, help="auto: exact search up to this many vectors")
     p.add_argument("--nprobe", type=int, default=0, help="IVF probes (0: tuned for --target-recall)")
     p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--max-index-memory", default=None, metavar="SIZE",
+                   help="RAM the index may take, e.g. 4G or 512M: picks the index type and quantisation (default: no limit)")
+    p.add_argument("--min-speedup", type=float, default=_build.IndexConfig.min_speedup,
+                   help="auto keeps an approximate index only if this much faster than exact search (measured)")
     p.add_argument("--chunk-size", type=int, default=1024, help="images per committed chunk")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="threads reading, decoding and pre-processing ahead of the model (default: one per core)")
-    p.add_argument("--force", action="store_true", help="replace an existing index in --out")
+    p.add_argument("--force", action="store_true",
+                   help="re-embed everything (default on an existing index: update it, embedding only new and changed images)")
     p.add_argument("--no-progress", action="store_true")
     demo = p.add_argument_group("demo")
     demo.add_argument("--demo-n", type=int, default=3000, help="demo corpus size")
@@ -62,7 +68,8 @@ def config_from_args(args: argparse.Namespace) -> _build.BuildConfig:
         model=args.model,
         clip_server=args.clip_server,
         device=args.device,
-        index=_build.IndexConfig(kind=args.index_type, flat_max=args.flat_max, nprobe=args.nprobe, target_recall=args.target_recall),
+        index=_build.IndexConfig(kind=args.index_type, flat_max=args.flat_max, nprobe=args.nprobe, target_recall=args.target_recall,
+                                 max_memory=parse_bytes(args.max_index_memory), min_speedup=args.min_speedup),
         chunk_size=args.chunk_size,
         loader_workers=args.loader_workers,
         force=args.force,

@@ -73,10 +73,10 @@ def run_labels(args) -> int:
         prompts = _prompts.read_prompts(args.texts)
         encoder = SiglipEncoder.from_pretrained(args.model or store.encoder_info.model_id)
         index = None
-        if (Path(args.index) / "index.faiss").exists():
+        if (store.data / "index.faiss").exists():
             from saefe.ingest.index import VectorIndex
 
-            index = VectorIndex.load(args.index)
+            index = VectorIndex.load(store.data)
         membership = _prompts.membership_from_texts(store, index, encoder, prompts, top_n=args.top_n)
         membership.report.source = str(args.texts)
     profiles = _labels.build_profiles(store, sae, membership, sae_dir=args.sae, top_k=args.top_k)
@@ -85,7 +85,8 @@ def run_labels(args) -> int:
     from saefe.labels.attributes import set_default_sae, write_attributes
 
     if args.annotations or args.folders:  # per-image labels: ground truth for bias and evaluation
-        print(f"wrote {write_attributes(store, membership)}")
+        params = {"vad_high": args.vad_high, "vad_low": args.vad_low} if args.annotations else {}
+        print(f"wrote {write_attributes(store, membership, **params)}")
         if not args.no_probes:
             _bias_models(store, sae, args.sae, out)
     if not store.manifest.get("default_sae"):

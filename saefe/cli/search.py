@@ -68,6 +68,15 @@ def search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="direction",
                    help="direction: cosine to the mixed decoder direction; features: exact sum_j w_j a_j(image)")
     p.add_argument("--k", type=int, default=20, help="number of results")
+    p.add_argument("--offset", type=int, default=0, help="skip this many results (paging: --offset 20 for page 2)")
+    p.add_argument("--where", action="append", metavar="COND", default=[],
+                   help="metadata filter, repeatable (all must hold): subreddit=pics, 'width>=512', 'path=memes/*', "
+                        "'subreddit=pics|aww', 'date<2024-06-01'")
+    p.add_argument("--dedup-threshold", type=float, default=None,
+                   help="collapse near-duplicates at this cosine, keeping the best of each group "
+                        "(default: the index's setting, else 0.95)")
+    p.add_argument("--no-dedup", action="store_true", help="show near-duplicates as separate results")
+    p.add_argument("--export", metavar="FILE", help="also write the results to FILE (.csv or .json: paths, scores, features)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {id, score, path/url, ...}")
     p.add_argument("--bias", action="store_true", help="also print the demographic make-up of the results")
     add_debias_arguments(p)
@@ -114,11 +123,27 @@ def describe_debias(info) -> str:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from saefe.search.filters import Filter
+
     debias = debias_from_args(args)
+    where = Filter.parse(args.where)  # a bad condition fails before the index is opened
+    if debias is not None and (where or args.offset):
+        raise SaefeError("--where and --offset do not combine with --debias yet")
     engine = open_engine(args)
     terms = terms_from_args(args)
-    results = engine.search(terms, k=args.k, mode=args.mode, debias=debias)
+    page = None
+    if debias is not None:  # fair re-ranking reorders whole lists: no paging or collapse on top
+        results = engine.search(terms, k=args.k, mode=args.mode, debias=debias)
+    else:
+        page = engine.search_page(terms, k=args.k, mode=args.mode, offset=args.offset, where=where,
+                                  dedup=None if args.no_dedup else ("auto" if args.dedup_threshold is None
+                                                                    else args.dedup_threshold))
+        results = page.results
     info = getattr(results, "info", None)
+    if args.export:
+        from saefe.search.export import export_results
+
+        print(f"wrote {export_results(engine, results, args.export, offset=args.offset)}", file=sys.stderr)
     if args.json:
         payload = [r.to_json() for r in results]
         if args.bias or info is not None:
@@ -133,9 +158,14 @@ def run_search(args: argparse.Namespace) -> int:
         json.dump(payload, sys.stdout, indent=1)
         print()
         return 0
-    for rank, r in enumerate(results, 1):
-        where = r.metadata.get("path") or r.metadata.get("url") or ""
-        print(f"{rank:4d}  {r.score:+.4f}  id={r.id:<8d} {where}")
+    for rank, r in enumerate(results, args.offset + 1):
+        name = r.metadata.get("path") or r.metadata.get("url") or ""
+        dup = f"  (+{len(r.group) - 1} near-duplicates)" if r.group and len(r.group) > 1 else ""
+        print(f"{rank:4d}  {r.score:+.4f}  id={r.id:<8d} {name}{dup}")
+    if page is not None and page.matching is not None:
+        print(f"filter {page.filter}: {page.matching} of {engine.n_total} images match")
+    if page is not None and page.has_more:
+        print(f"more: --offset {page.next_offset}")
     if info is not None:
         print(describe_debias(info))
     if args.bias:

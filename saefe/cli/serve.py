@@ -47,15 +47,29 @@ def backend_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help="encoder for text/image terms (default: the index's own)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="port to listen on (0 picks a free one)")
+    parser.add_argument("--max-k", type=int, default=_backend.MAX_K, help=f"most results per request (default {_backend.MAX_K})")
+    parser.add_argument("--dedup-threshold", type=float, default=None,
+                        help="collapse near-duplicates at this cosine by default (default: the index's setting, "
+                             "else 0.95; requests may override; 0: off)")
+    parser.add_argument("--no-watch", action="store_true", help="do not reopen the index when a build updates it")
 
 
 def run_backend(args) -> int:
+    from saefe.errors import SaefeError
+    from saefe.search.dedup import check_threshold
     from saefe.search.engine import Engine
+    from saefe.search.live import LiveEngine
 
-    engine = Engine.open(args.index, model=args.model, sae_dir=args.sae)
+    if args.max_k < 1:
+        raise SaefeError(f"--max-k must be at least 1, got {args.max_k}")
+    dedup = "auto" if args.dedup_threshold is None else check_threshold(args.dedup_threshold)
+    live = LiveEngine(lambda: Engine.open(args.index, model=args.model, sae_dir=args.sae), args.index,
+                      check_every=float("inf") if args.no_watch else 2.0)
+    engine = live.engine
     log.info(
-        "serve-backend: %s, %d images, d_emb %d, %d predefined embeddings",
-        args.index, engine.n_total, engine.dim, len(engine.predefined),
+        "serve-backend: %s, %d images, d_emb %d, %d predefined embeddings, generation %d",
+        args.index, engine.n_total, engine.dim, len(engine.predefined), live.generation,
     )
-    _backend.serve_forever(_backend.make_app(engine), args.host, args.port, "serve-backend")
+    _backend.serve_forever(_backend.make_app(live, max_k=args.max_k, dedup_threshold=dedup), args.host, args.port,
+                           "serve-backend")
     return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from saefe.labels.attributes import set_default_sae, write_attributes
 from saefe.manifest import read_json
 from saefe.ingest.build import BuildConfig, BuildSummary, build_index
-from saefe.ingest.store import EmbeddingStore
+from saefe.ingest.store import EmbeddingStore, read_manifest, set_manifest_setting
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ DEMO_SAE = "weights/demo"
 DEMO_SAE_D_HIDDEN = 256
 DEMO_SAE_K = 32
 DEMO_SAE_AUXK = True
+DEMO_DEDUP_THRESHOLD = 0.9995
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ def build_demo(cfg: DemoBuildConfig) -> BuildSummary:
         print(f"{out} was embedded with the retired random-weight demo model; rebuilding it", flush=True)
         build = replace(build, force=True)
     summary = build_index(build)
+    # A tiny model puts some different pictures above cosine 0.99 (real SigLIP keeps that for
+    # near-copies; the trained demo model: 8 of 3000 images, the old random one: many), so only
+    # exact copies count as near-duplicates in the demo.
+    if "dedup_threshold" not in (read_manifest(out) or {}):
+        set_manifest_setting(out, "dedup_threshold", DEMO_DEDUP_THRESHOLD)
     summary.extras["demo images"] = str(corpus.images_dir)
     summary.extras["demo annotations"] = str(corpus.annotations)
     if cfg.with_sae:
@@ -72,7 +78,6 @@ def build_demo(cfg: DemoBuildConfig) -> BuildSummary:
 def _legacy_demo_index(out: Path, images_dir: Path) -> bool:
     """A finished index of these demo images made by the old random-weight demo model?"""
     from saefe.demo.tiny_model import LEGACY_MODEL_IDS
-    from saefe.ingest.store import read_manifest
 
     try:
         m = read_manifest(out)

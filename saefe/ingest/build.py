@@ -4,34 +4,40 @@ Work is committed in numbered chunks of the corpus' fixed order, so a build kill
 (kill -9 included) is finished by running the same command again: committed chunks are neither
 re-embedded nor duplicated. Bad images are skipped with a logged reason and counted in the
 summary and the manifest. With no source given it builds the offline demo.
+
+Running the same build on a finished index updates it (saefe.ingest.update): only new and
+changed items are embedded, deleted ones are dropped, and the result is switched in as a new
+generation. ``--force`` re-embeds everything (also into a new generation, so a running app
+keeps a whole index).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, read_precomputed
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
-from saefe.ingest.loader import ChunkLoader, load_item
-from saefe.ingest.index import KINDS, IndexConfig, VectorIndex
-from saefe.manifest import FORMAT_VERSION, EncoderInfo
-from saefe.ingest.store import ChunkWriter, EmbeddingStore, read_manifest, write_manifest, write_store
-from saefe.ingest.models import canonical_model_id
+from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, read_precomputed
 from saefe.ingest.cost import CostEstimate, format_rate
+from saefe.ingest.index import KINDS, IndexConfig, VectorIndex
+from saefe.ingest.loader import REUSE, ChunkLoader
+from saefe.ingest.models import canonical_model_id
+from saefe.ingest.store import ChunkWriter, read_manifest, write_manifest, write_store
+from saefe.manifest import FORMAT_VERSION, EncoderInfo
 
 log = logging.getLogger(__name__)
 
+__all__ = ["KINDS", "IndexConfig", "BuildConfig", "BuildSummary", "build_index"]
+
+SKIPPED = "skipped.parquet"  # every skipped item with its size/mtime: an update does not re-read them
 
 
 @dataclass
@@ -65,6 +71,8 @@ class BuildSummary:
     index_type: str
     already_built: bool = False
     extras: dict[str, str] = field(default_factory=dict)
+    update: dict[str, int] | None = None  # added / changed / removed / unchanged (an update)
+    index_note: str = ""  # how the index type was chosen (measured recall, speed-up, memory)
     # Wall time of the embedding loop alone (decode + model), without model load and index build:
     # what the images/s figure is computed from.
     embed_seconds: float = 0.0
@@ -76,6 +84,14 @@ class BuildSummary:
         out = [
             f"index: {self.out}  ({self.count} images, index type {self.index_type})",
             done + ("  [already complete]" if self.already_built else ""),
+        ]
+        if self.update is not None:
+            u = self.update
+            out.append(f"update: added {u.get('added', 0)}, changed {u.get('changed', 0)}, removed {u.get('removed', 0)}, "
+                       f"unchanged {u.get('unchanged', 0)}" + (f" (generation {u['generation']})" if "generation" in u else ""))
+        if self.index_note:
+            out.append(f"index choice: {self.index_note}")
+        out += [
             f"duplicates stored once: {self.duplicates}",
             "skipped: " + (", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items())) or "none"),
         ]
@@ -101,17 +117,12 @@ def _build_key(cfg: BuildConfig, corpus: ImageCorpus) -> dict[str, Any]:
     }
 
 
-def _load_item(corpus: ImageCorpus, i: int) -> tuple[int, Any, dict[str, Any], str | None]:
-    """Read + hash + decode one item (full-size decode). Returns (i, image|None, meta, skip)."""
-    return load_item(corpus, i)
-
-
 def _item_key(meta: dict[str, Any], i: int) -> str:
     return str(meta.get("path") or meta.get("url") or meta.get("key") or i)
 
 
 def build_index(cfg: BuildConfig) -> BuildSummary:
-    """Run (or resume, or confirm) a build; see the module docstring."""
+    """Run (or resume, update, or confirm) a build; see the module docstring."""
     if cfg.chunk_size < 1:
         raise SaefeError("chunk size must be at least 1")
     out = Path(cfg.out)
@@ -119,22 +130,43 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         raise SaefeError("no source: pass --images DIR, --dataset DIR or --embeddings FILE")
     if cfg.embeddings:
         return _import_embeddings(cfg)
-    t0 = time.time()
     corpus = _open_corpus(cfg)
-    key = _build_key(cfg, corpus)
     done = read_manifest(out)
     if done and done.get("complete"):
-        if done.get("build_key") == key and not cfg.force:
-            return _summary_of(out, done, 0, time.time() - t0, already=True)
-        if not cfg.force:
-            raise IncompatibleError(
-                f"{out} already holds an index built from {done.get('build_key', {}).get('source')!r} with "
-                f"{done['encoder']['model_id']!r}; pass --force to replace it or choose another --out"
-            )
-    if cfg.force:
-        for name in ("manifest.json", "vectors.npy", "metadata.parquet", "index.faiss", "index.json", "chunks"):
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        from saefe.ingest.update import update_index
+
+        return update_index(cfg, corpus, done)
+    t0 = time.time()
+    if cfg.force:  # an unfinished first build is started over
+        import shutil
+
+        shutil.rmtree(out / "chunks", ignore_errors=True)
+    gen = build_generation(cfg, out, corpus, _build_key(cfg, corpus))
+    vi = VectorIndex.build(np.load(out / "vectors.npy", mmap_mode="r"), cfg.index, progress=cfg.progress)
+    vi.save(out)
+    manifest = generation_manifest(gen, corpus, out, vi)
+    write_manifest(out, manifest)
+    ChunkWriter(out, gen.key).remove()
+    return summary_of(out, manifest, gen.embedded, time.time() - t0, embed_seconds=gen.embed_seconds)
+
+
+@dataclass
+class Generation:
+    """What ``build_generation`` left in its dir: vectors.npy + metadata.parquet + skipped.parquet."""
+
+    key: dict[str, Any]
+    total: int
+    skips: list[dict[str, Any]]
+    embedded: int
+    info: EncoderInfo
+    embed_seconds: float = 0.0
+
+
+def build_generation(cfg: BuildConfig, out: Path, corpus: ImageCorpus, key: dict[str, Any], plan=None,
+                     known_info: EncoderInfo | None = None) -> Generation:
+    """Embed ``corpus`` (in its order) into ``out``'s vectors.npy + metadata.parquet through
+    committed chunks. With ``plan`` (an update), items the old generation already holds are
+    copied from it and the encoder is only loaded if something is left to embed."""
     out.mkdir(parents=True, exist_ok=True)
     writer = ChunkWriter(out, key)
     committed = writer.committed()
@@ -147,39 +179,39 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
     for cid in committed:
         if committed[cid].count:
             seen.update(writer.metadata(cid)["sha256"].tolist())
-    embedded = 0
-    embed_s = 0.0
-    encoder = None
-    if todo:
-        from saefe.ingest.encoder import load_encoder
-
-        encoder = load_encoder(cfg.model, cfg.clip_server, cfg.device)
-        _check_encoder_stable(out, encoder.info)
-        t_embed = time.time()
-        embedded = _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder)
-        embed_s = time.time() - t_embed
-    info = encoder.info if encoder else EncoderInfo.from_dict(_read_encoder(out))
+    embedder = _Embedder(cfg, out, known_info)
+    if todo and (plan is None or plan.may_embed()):  # else loaded only if an item needs it after all
+        embedder.load()
+    t_embed = time.time()
+    embedded = _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder, plan) if todo else 0
+    embed_s = time.time() - t_embed
+    info = embedder.info()
     total, skips = writer.finalise(info, {})
     if total == 0:
         raise CorpusError(f"no usable images in {corpus.source}: all {n} were skipped ({_reasons(skips)})")
-    store_vectors = np.load(out / "vectors.npy", mmap_mode="r")
-    vi = VectorIndex.build(store_vectors, cfg.index, progress=cfg.progress)
-    vi.save(out)
-    reasons = Counter(s["reason"] for s in skips)
+    cols = ["item", "reason", "file_size", "mtime_ns", "sha256"]
+    skipped = pd.DataFrame([{c: s.get(c) for c in cols} for s in skips], columns=cols).astype(
+        {"item": str, "reason": str, "file_size": "Int64", "mtime_ns": "Int64", "sha256": object})
+    skipped.to_parquet(out / SKIPPED, index=False)
+    return Generation(key, int(total), skips, embedded, info, embed_s if embedded else 0.0)
+
+
+def generation_manifest(gen: Generation, corpus: ImageCorpus, out: Path, vi: VectorIndex) -> dict[str, Any]:
+    reasons = Counter(s["reason"] for s in gen.skips)
     dups = reasons.pop("duplicate", 0)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "encoder": info.to_dict(),
-        "count": int(total),
-        "dim": info.embedding_dim,
+        "encoder": gen.info.to_dict(),
+        "count": int(gen.total),
+        "dim": gen.info.embedding_dim,
         "index_type": vi.kind,
         "index_params": vi.params,
         "source_kind": corpus.kind,
         "corpus_root": corpus.source,
         "skipped": dict(reasons),
-        "skipped_items": [s for s in skips if s["reason"] != "duplicate"][:1000],
+        "skipped_items": [{"item": s["item"], "reason": s["reason"]} for s in gen.skips if s["reason"] != "duplicate"][:1000],
         "duplicates": int(dups),
-        "build_key": key,
+        "build_key": gen.key,
         "complete": True,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -187,66 +219,125 @@ def build_index(cfg: BuildConfig) -> BuildSummary:
         manifest["corpus_root_rel"] = str(Path(corpus.source).resolve().relative_to(out.resolve()))
     except ValueError:
         pass
-    write_manifest(out, manifest)
-    writer.remove()
-    return _summary_of(out, manifest, embedded, time.time() - t0, embed_seconds=embed_s)
+    return manifest
 
 
-def _embed_chunks(cfg, corpus, writer, todo, committed, seen, encoder) -> int:
+class _Embedder:
+    """The encoder, loaded on first need (an update that embeds nothing never loads a model)."""
+
+    def __init__(self, cfg: BuildConfig, out: Path, known_info: EncoderInfo | None):
+        self.cfg, self.out, self.known = cfg, out, known_info
+        self.encoder = None
+
+    def load(self):
+        if self.encoder is None:
+            from saefe.ingest.encoder import load_encoder
+
+            self.encoder = load_encoder(self.cfg.model, self.cfg.clip_server, self.cfg.device)
+            if self.known is not None:
+                self.known.check_compatible(self.encoder.info, f"the index at {self.out.parent}", "this run's encoder")
+            _check_encoder_stable(self.out, self.encoder.info)
+        return self.encoder
+
+    def info(self) -> EncoderInfo:
+        if self.encoder is not None:
+            return self.encoder.info
+        p = self.out / "chunks" / "encoder.json"
+        if p.exists():
+            return EncoderInfo.from_dict(_read_encoder(self.out))
+        if self.known is None:
+            raise SaefeError(f"no encoder recorded for the build in {self.out}")
+        return self.known
+
+
+def _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder: _Embedder, plan) -> int:
     from tqdm import tqdm
 
     n = len(corpus)
     done_items = sum(min(cfg.chunk_size, n - c * cfg.chunk_size) for c in committed)
     bar = tqdm(total=n, initial=done_items, unit="img", desc="embedding", disable=not cfg.progress, smoothing=0.1)
     embedded = 0
-    cost = CostEstimate(images=n - done_items, device=getattr(encoder, "device", None), remote=bool(cfg.clip_server))
+    encoder = embedder.encoder
+    to_embed = n - done_items if plan is None else plan.estimated_embeds()
+    cost = CostEstimate(images=to_embed, device=getattr(encoder, "device", None), remote=bool(cfg.clip_server))
 
-    # A local SigLIP's processor runs in the loader thread too, so on a GPU the (PIL-bound,
-    # single-threaded) pre-processing of chunk i+1 overlaps the model's work on chunk i.
+    # A local SigLIP's processor runs in the loader threads too, so on a GPU the (PIL-bound)
+    # pre-processing of chunk i+1 overlaps the model's work on chunk i.
     preprocess = getattr(encoder, "preprocess_cpu", None)
 
     def load_chunk(pool, cid):
         return pool.load(cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size))
 
     draft = tuple(encoder.info.image_size) if (preprocess is not None and encoder.info.image_size) else None
-    with ChunkLoader(corpus, preprocess, draft, cfg.loader_workers) as pool, \
+    with ChunkLoader(corpus, preprocess, draft, cfg.loader_workers, plan) as pool, \
             ThreadPoolExecutor(max_workers=1) as prefetch:
         future = prefetch.submit(load_chunk, pool, todo[0])
         for j, cid in enumerate(todo):
             items, px = future.result()
             if j + 1 < len(todo):  # decode the next chunk while this one is embedded
                 future = prefetch.submit(load_chunk, pool, todo[j + 1])
-            images, metas, skipped, keep = [], [], [], []
+            accepted, skipped, keep = [], [], []
             for i, img, meta, reason in items:
-                if reason is None and meta["sha256"] in seen:
+                reuse = int(meta.pop(REUSE, -1))
+                stale = meta.pop("_kept_stale", None)
+                sha = meta.get("sha256")
+                if reason is None and sha in seen:
                     reason = "duplicate"
                 if img is not None:  # one flag per decoded image, aligned with ``px``
                     keep.append(reason is None)
                 if reason is not None:
-                    skipped.append({"item": _item_key(meta, i), "reason": reason})
+                    rec = {"item": _item_key(meta, i), "reason": reason}
+                    keys = ("file_size", "mtime_ns", "sha256") if reason == "duplicate" else ("file_size", "mtime_ns")
+                    rec.update({k: meta[k] for k in keys if meta.get(k) is not None})
+                    skipped.append(rec)
                     if reason != "duplicate":
-                        log.warning("skipped %s: %s", _item_key(meta, i), reason)
+                        log.warning("skipped %s: %s", rec["item"], reason)
                     continue
-                seen.add(meta["sha256"])
-                images.append(img)
+                if stale:
+                    skipped.append({"item": _item_key(meta, i), "reason": stale})
+                seen.add(sha)
+                accepted.append((i, img, meta, reuse))
+            vecs = _vectors_for(accepted, px, keep, embedder, plan, cost)
+            metas = []
+            for i, _, meta, reuse in accepted:
+                if plan is not None:
+                    meta["_old_row"] = plan.identity_row(i, meta)
+                    meta["_embedded"] = reuse < 0
                 metas.append(meta)
-            if not images:
-                vecs = np.zeros((0, encoder.info.embedding_dim), np.float32)
-            elif px is not None:
-                import torch
-
-                vecs = encoder.embed_pixels(px[torch.tensor(keep)], on_batch=cost.observe)
-            else:
-                t_chunk = time.perf_counter()
-                vecs = encoder.embed_images(images)
-                cost.observe(len(images), time.perf_counter() - t_chunk)
-            if vecs.shape[1] != encoder.info.embedding_dim:
-                raise IncompatibleError(f"encoder returned dimension {vecs.shape[1]}, expected {encoder.info.embedding_dim}")
             writer.commit(cid, vecs, pd.DataFrame(metas), skipped)
-            embedded += len(images)
+            embedded += sum(a[3] < 0 for a in accepted)
             bar.update(len(items))
     bar.close()
     return embedded
+
+
+def _vectors_for(accepted: list, px, keep: list[bool], embedder: _Embedder, plan, cost: CostEstimate) -> np.ndarray:
+    """Rows for the accepted (i, image, meta, reuse) items: copied from the old generation
+    (``reuse`` >= 0), or embedded now."""
+    fresh = [img for _, img, _, reuse in accepted if reuse < 0]
+    new = None
+    if fresh:
+        enc = embedder.load()
+        if px is not None:
+            import torch
+
+            new = enc.embed_pixels(px[torch.tensor(keep)], on_batch=cost.observe)
+        else:
+            t_chunk = time.perf_counter()
+            new = enc.embed_images(fresh)
+            cost.observe(len(fresh), time.perf_counter() - t_chunk)
+        if new.shape[1] != enc.info.embedding_dim:
+            raise IncompatibleError(f"encoder returned dimension {new.shape[1]}, expected {enc.info.embedding_dim}")
+    dim = new.shape[1] if new is not None else (plan.dim if plan is not None else embedder.info().embedding_dim)
+    vecs = np.zeros((len(accepted), dim), np.float32)
+    j = 0
+    for r, (_, _, _, reuse) in enumerate(accepted):
+        if reuse >= 0:
+            vecs[r] = plan.vector(reuse)
+        else:
+            vecs[r] = new[j]
+            j += 1
+    return vecs
 
 
 def _check_encoder_stable(out: Path, info: EncoderInfo) -> None:
@@ -270,8 +361,8 @@ def _reasons(skips: list[dict[str, str]]) -> str:
     return ", ".join(f"{r}: {c}" for r, c in Counter(s["reason"] for s in skips).most_common()) or "none"
 
 
-def _summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: bool = False,
-                embed_seconds: float = 0.0) -> BuildSummary:
+def summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: bool = False,
+               update: dict[str, int] | None = None, embed_seconds: float = 0.0) -> BuildSummary:
     return BuildSummary(
         out=str(out),
         count=int(manifest["count"]),
@@ -281,22 +372,17 @@ def _summary_of(out: Path, manifest: dict, embedded: int, secs: float, already: 
         embedded_now=embedded,
         index_type=str(manifest.get("index_type")),
         already_built=already,
+        update=update,
+        index_note=str((manifest.get("index_params") or {}).get("choice", "")),
         embed_seconds=embed_seconds,
     )
 
 
-def _import_embeddings(cfg: BuildConfig) -> BuildSummary:
-    """Precomputed vectors: validated, L2-normalised, stored in fp16; nothing is re-embedded."""
-    t0 = time.time()
-    vecs, meta = read_precomputed(cfg.embeddings, cfg.metadata)
-    model_id = canonical_model_id(cfg.model)
-    out = Path(cfg.out)
-    done = read_manifest(out)
-    if done and done.get("complete") and not cfg.force:
-        raise IncompatibleError(f"{out} already holds an index; pass --force to replace it or choose another --out")
+def clean_vectors(vecs: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Precomputed vectors: (L2-normalised usable rows, mask of usable rows, skip counts)."""
     v = np.asarray(vecs, dtype=np.float32)
     finite = np.isfinite(v).all(axis=1)
-    norms = np.linalg.norm(v, axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], v, 0), axis=1)
     ok = finite & (norms > 0)
     skipped = {}
     if (~finite).any():
@@ -306,15 +392,31 @@ def _import_embeddings(cfg: BuildConfig) -> BuildSummary:
     for i in np.flatnonzero(~ok)[:20]:
         log.warning("skipped row %d: %s", i, "non-finite vector" if not finite[i] else "zero vector")
     if not ok.any():
-        raise CorpusError(f"no usable vectors in {cfg.embeddings}")
-    v = v[ok] / norms[ok, None]
+        raise CorpusError(f"no usable vectors in {source}")
+    return v[ok] / norms[ok, None], ok, skipped
+
+
+def _import_embeddings(cfg: BuildConfig) -> BuildSummary:
+    """Precomputed vectors: validated, L2-normalised, stored in fp16; nothing is re-embedded.
+    Into a finished index, the rows are diffed against it instead (saefe.ingest.update)."""
+    t0 = time.time()
+    vecs, meta = read_precomputed(cfg.embeddings, cfg.metadata)
+    model_id = canonical_model_id(cfg.model)
+    out = Path(cfg.out)
+    done = read_manifest(out)
+    if done and done.get("complete"):
+        from saefe.ingest.update import update_from_embeddings
+
+        return update_from_embeddings(cfg, vecs, meta, done)
+    v, ok, skipped = clean_vectors(vecs, cfg.embeddings)
     meta = meta[ok].reset_index(drop=True)
     info = EncoderInfo(model_id=model_id, embedding_dim=int(v.shape[1]))
     write_store(out, v, meta, info, {"source_kind": "embeddings", "corpus_root": str(Path(cfg.embeddings).resolve().parent),
+                                     "source": str(Path(cfg.embeddings).resolve()),
                                      "skipped": skipped, "duplicates": 0, "complete": False})
     vi = VectorIndex.build(np.load(out / "vectors.npy", mmap_mode="r"), cfg.index, progress=cfg.progress)
     vi.save(out)
     m = read_manifest(out)
     m.update(index_type=vi.kind, index_params=vi.params, complete=True)
     write_manifest(out, m)
-    return _summary_of(out, m, 0, time.time() - t0)
+    return summary_of(out, m, 0, time.time() - t0)

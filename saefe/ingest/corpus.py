@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +21,10 @@ from saefe.errors import CorpusError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif"}
+
+
+class ItemChanged(OSError):
+    """The file changed (size or mtime) while it was being read: its bytes cannot be trusted."""
 
 
 class ImageCorpus(Protocol):
@@ -43,6 +47,7 @@ class FolderCorpus:
     root: Path
     paths: list[str]
     kind: str = "folder"
+    errors: list[str] = field(default_factory=list)  # sub-folders the scan could not read
 
     @classmethod
     def scan(cls, root: str | os.PathLike) -> "FolderCorpus":
@@ -53,8 +58,14 @@ class FolderCorpus:
             raise CorpusError(f"{r} is not a folder")
         if not os.access(r, os.R_OK | os.X_OK):
             raise CorpusError(f"image folder {r} is not readable")
-        paths = []
-        for dirpath, dirnames, filenames in os.walk(r, onerror=lambda e: log.warning("skipping %s", e)):
+        paths: list[str] = []
+        errors: list[str] = []
+
+        def onerror(e: OSError) -> None:
+            log.warning("skipping %s", e)
+            errors.append(f"{e.filename}: {e.strerror or type(e).__name__}")
+
+        for dirpath, dirnames, filenames in os.walk(r, onerror=onerror):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fn in filenames:
                 if Path(fn).suffix.lower() in IMAGE_EXTENSIONS and not fn.startswith("."):
@@ -63,7 +74,7 @@ class FolderCorpus:
             raise CorpusError(
                 f"no images under {r} (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        return cls(r.resolve(), sorted(paths))
+        return cls(r.resolve(), sorted(paths), errors=errors)
 
     @property
     def source(self) -> str:
@@ -75,10 +86,25 @@ class FolderCorpus:
     def key(self, i: int) -> str:
         return self.paths[i]
 
+    def stat(self, i: int) -> tuple[int, int] | None:
+        """(size, mtime_ns) of item i, or None when it cannot be stat'ed."""
+        try:
+            st = os.stat(self.root / self.paths[i])
+        except OSError:
+            return None
+        return int(st.st_size), int(st.st_mtime_ns)
+
     def read(self, i: int) -> tuple[bytes, dict[str, Any]]:
+        """Bytes plus path, size and mtime; the size and mtime are those of the bytes returned
+        (checked before and after reading), so an incremental build can trust them later."""
         rel = self.paths[i]
         with open(self.root / rel, "rb") as f:
-            return f.read(), {"path": rel}
+            before = os.fstat(f.fileno())
+            data = f.read()
+            after = os.fstat(f.fileno())
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(data) != after.st_size:
+            raise ItemChanged(0, "changed while being read", str(self.root / rel))
+        return data, {"path": rel, "file_size": int(after.st_size), "mtime_ns": int(after.st_mtime_ns)}
 
 
 @dataclass

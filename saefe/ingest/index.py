@@ -1,9 +1,16 @@
 """FAISS inner-product index over the store (vectors are L2-normalised, so IP = cosine).
 
-``auto`` picks exact search for small corpora and, above ``flat_max``, HNSW on the CPU (the only
-type that met p50 < 10 ms at recall@10 >= 0.95 on 1M x 1152-d vectors with 2 cores in
-benchmarks/bench_index.py) or IVF when faiss has GPUs (HNSW does not run on them). The IVF probe
-count / HNSW efSearch is tuned at build time to reach a recall target, then saved with the index.
+``auto`` picks exact search for small corpora. Above ``flat_max`` it tries an approximate index
+(HNSW on the CPU, the only type that met p50 < 10 ms at recall@10 >= 0.95 on 1M x 1152-d
+clustered vectors with 2 cores in benchmarks/bench_index.py; IVF when faiss has GPUs), tunes it,
+measures it against exact search on held-out queries and falls back to an exact scan when it is
+not both accurate and clearly faster (saefe.ingest.autoindex). Kinds and quantisation also follow
+a memory budget (``max_memory``). The IVF probe count / HNSW efSearch is tuned at build time to
+reach a recall target, then saved with the index together with the measurements.
+
+Exact kinds: ``flat`` (fp32, BLAS for batches), ``flat-fp16`` (the stored fp16 vectors as they
+are: still exact for this store, half the memory, faster single queries), ``flat-sq8`` (8-bit
+scan: a quarter of the memory, near-exact).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +32,8 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 PARAMS_FILE = "index.json"
-KINDS = ("auto", "flat", "ivf", "ivf-sq8", "hnsw")
+KINDS = ("auto", "flat", "flat-fp16", "flat-sq8", "ivf", "ivf-sq8", "hnsw")
+EXACT_KINDS = ("flat", "flat-fp16", "flat-sq8")
 
 
 @dataclass
@@ -38,6 +47,9 @@ class IndexConfig:
     ef_construction: int = 40
     ef_search: int = 0  # 0 = tuned at build time to reach target_recall
     use_gpu: bool = True
+    max_memory: int = 0  # bytes the index may take in RAM (0: no budget); picks kind and quantisation
+    min_speedup: float = 1.5  # auto keeps an approximate index only if this much faster than exact
+    measure_queries: int = 200  # held-out queries for the build-time recall/latency measurement
 
 
 def _faiss():
@@ -76,14 +88,38 @@ class VectorIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, cfg: IndexConfig | None = None, progress: bool = False) -> "VectorIndex":
-        faiss = _faiss()
         cfg = cfg or IndexConfig()
+        n, _ = vectors.shape
+        if cfg.kind == "auto" and (n > cfg.flat_max or cfg.max_memory):
+            from saefe.ingest.autoindex import build_auto
+
+            return build_auto(cls, vectors, cfg, progress)
+        vi = cls.build_kind(vectors, resolve_kind(cfg, n), cfg, progress)
+        if vi.kind not in EXACT_KINDS:
+            from saefe.ingest.autoindex import record_measurement
+
+            record_measurement(vi, vectors, cfg)
+        elif cfg.kind == "auto":
+            vi.params["choice"] = f"{vi.kind}: exact search ({n} vectors <= flat_max {cfg.flat_max})"
+        return vi
+
+    @classmethod
+    def build_kind(cls, vectors: np.ndarray, kind: str, cfg: IndexConfig, progress: bool = False,
+                   tune_limit_ms: float | None = None) -> "VectorIndex":
+        """Build and (approximate kinds) tune one kind of index over ``vectors``."""
+        faiss = _faiss()
         n, d = vectors.shape
-        kind = resolve_kind(cfg, n)
         metric = faiss.METRIC_INNER_PRODUCT
         params: dict[str, Any] = {"kind": kind}
         if kind == "flat":
             index = faiss.IndexFlatIP(d)
+        elif kind in ("flat-fp16", "flat-sq8"):
+            qt = faiss.ScalarQuantizer.QT_fp16 if kind == "flat-fp16" else faiss.ScalarQuantizer.QT_8bit
+            index = faiss.IndexScalarQuantizer(d, qt, metric)
+            if kind == "flat-sq8":
+                rng = np.random.default_rng(0)
+                sample = np.sort(rng.choice(n, min(n, 65536), replace=False))
+                index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
         elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, metric)
             index.hnsw.efConstruction = cfg.ef_construction
@@ -107,9 +143,9 @@ class VectorIndex:
             index.add(b)
         vi = cls(index, kind, d, params)
         if kind in ("ivf", "ivf-sq8"):
-            vi.set_nprobe(cfg.nprobe or vi.tune(vectors, cfg.target_recall))
+            vi.set_nprobe(cfg.nprobe or vi.tune(vectors, cfg.target_recall, limit_ms=tune_limit_ms))
         elif kind == "hnsw":
-            vi.set_ef_search(cfg.ef_search or vi.tune(vectors, cfg.target_recall))
+            vi.set_ef_search(cfg.ef_search or vi.tune(vectors, cfg.target_recall, limit_ms=tune_limit_ms))
         return vi
 
     def set_ef_search(self, ef: int) -> None:
@@ -120,14 +156,12 @@ class VectorIndex:
         _faiss().extract_index_ivf(self.index).nprobe = int(nprobe)
         self.params["nprobe"] = int(nprobe)
 
-    def tune(self, vectors: np.ndarray, target: float, nq: int = 200, k: int = 10) -> int:
+    def tune(self, vectors: np.ndarray, target: float, nq: int = 200, k: int = 10, limit_ms: float | None = None) -> int:
         """Smallest power of two (IVF nprobe, or HNSW efSearch from 16) whose recall@k against
-        exact search reaches ``target``. Queries are perturbed base vectors: no held-out data needed."""
-        rng = np.random.default_rng(1)
-        n = len(vectors)
-        q = np.asarray(vectors[np.sort(rng.choice(n, min(nq, n), replace=False))], dtype=np.float32)
-        q = q + rng.normal(0, 0.5 / math.sqrt(self.dim), q.shape).astype(np.float32)
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        exact search reaches ``target``. Queries come from the base (``sample_queries``): no
+        held-out data needed. ``limit_ms``: stop early once a single query takes longer (the index
+        cannot win from there)."""
+        q = sample_queries(vectors, nq, seed=1)
         _, truth = _exact_search(vectors, q, k)
         if self.kind == "hnsw":
             value, limit, apply = 16, 4096, self.set_ef_search
@@ -138,6 +172,9 @@ class VectorIndex:
             apply(value)
             _, got = self.index.search(q, k)
             if recall_at_k(got, truth) >= target:
+                break
+            if limit_ms is not None and single_query_ms(self, q[:20]) > limit_ms:
+                self.params["tuning_stopped"] = f"{value}: slower than {limit_ms:.1f} ms before reaching recall {target}"
                 break
             value *= 2
         return min(value, limit)
@@ -168,8 +205,10 @@ class VectorIndex:
 
     @classmethod
     def load(cls, dir: str | os.PathLike, use_gpu: bool = True) -> "VectorIndex":
+        from saefe.ingest.store import resolve_data_dir
+
         faiss = _faiss()
-        d = Path(dir)
+        d = resolve_data_dir(dir)  # an index dir (its current generation) or a generation dir
         if not (d / INDEX_FILE).exists():
             raise SaefeError(f"no FAISS index at {d}; build it with `saefe build` (or python scripts/build_index.py)")
         index = faiss.read_index(str(d / INDEX_FILE))
@@ -185,7 +224,8 @@ class VectorIndex:
 
     def to_gpu(self) -> None:
         faiss = _faiss()
-        if self.kind == "hnsw" or not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        # HNSW and flat scalar-quantiser scans have no GPU version: they stay on the CPU
+        if self.kind not in ("flat", "ivf", "ivf-sq8") or not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
             return
         res = faiss.StandardGpuResources()
         self.index = faiss.index_cpu_to_gpu(res, 0, self.index)
@@ -208,6 +248,61 @@ def _exact_search(vectors: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarra
         order = np.argsort(-cs, axis=1)[:, :k]
         best_s, best_i = np.take_along_axis(cs, order, 1), np.take_along_axis(ci, order, 1)
     return best_s, best_i
+
+
+def sample_queries(vectors: np.ndarray, nq: int, seed: int) -> np.ndarray:
+    """Unit queries drawn from the base: half perturbed base vectors, half blends of two base
+    vectors (a steered or text query lies between images more than on one)."""
+    rng = np.random.default_rng(seed)
+    n, d = vectors.shape
+    a = np.asarray(vectors[np.sort(rng.choice(n, nq, replace=nq > n))], dtype=np.float32)
+    b = np.asarray(vectors[np.sort(rng.choice(n, nq, replace=nq > n))], dtype=np.float32)
+    half = nq // 2
+    q = np.empty((nq, d), np.float32)
+    q[:half] = a[:half] + rng.normal(0, 0.5 / math.sqrt(d), (half, d)).astype(np.float32)
+    q[half:] = a[half:] + b[half:][rng.permutation(nq - half)]
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    return q
+
+
+def single_query_ms(vi: "VectorIndex", q: np.ndarray, k: int = 10) -> float:
+    """Median wall time of one-query searches (the app's and the servers' pattern)."""
+    import time
+
+    q = np.asarray(q, dtype=np.float32)
+    for row in q[:2]:  # warm-up: thread pool start, first page faults
+        vi.index.search(row[None, :], k)
+    ts = []
+    for row in q:
+        t = time.perf_counter()
+        vi.index.search(row[None, :], k)
+        ts.append((time.perf_counter() - t) * 1000)
+    return float(np.median(ts))
+
+
+def memory_estimate(kind: str, n: int, d: int, cfg: IndexConfig | None = None) -> int:
+    """Bytes an index of ``kind`` over n x d vectors takes in RAM (autofaiss-style estimate).
+    An on-disk kind (issue 14) reports only its resident part here."""
+    cfg = cfg or IndexConfig()
+    nlist = cfg.nlist or max(1, int(math.sqrt(max(n, 1))))
+    per = {"flat": 4 * d, "flat-fp16": 2 * d, "flat-sq8": d, "hnsw": 4 * d + 8 * cfg.hnsw_m + 8,
+           "ivf": 4 * d + 8, "ivf-sq8": d + 8}
+    if kind not in per:
+        raise SaefeError(f"no memory estimate for index type {kind!r}")
+    extra = nlist * d * 4 if kind.startswith("ivf") else 0
+    return int(n * per[kind] * (1.05 if kind == "hnsw" else 1.0) + extra)
+
+
+def parse_bytes(text: str | int | None) -> int:
+    """``4G``, ``512M``, ``1.5GB``, ``2GiB`` or a plain number of bytes; None / '' / 0 = no budget."""
+    if text in (None, "", 0, "0"):
+        return 0
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", str(text).lower())
+    if not m:
+        raise SaefeError(f"cannot read memory size {text!r}; use e.g. 4G, 512M or a number of bytes")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
 def recall_at_k(got: np.ndarray, truth: np.ndarray) -> float:

@@ -17,11 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from saefe.ingest.corpus import ImageCorpus
+from saefe.ingest.corpus import ImageCorpus, ItemChanged
 from saefe.ingest.images import BadImage, decode_image
 
 # (item index, image or None, metadata, skip reason or None)
 Item = tuple[int, Any, dict[str, Any], "str | None"]
+# metadata key an update's plan sets on an item it already has a vector for: the old row to copy
+REUSE = "_reuse"
 
 
 def default_workers() -> int:
@@ -29,14 +31,29 @@ def default_workers() -> int:
     return max(2, min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2))
 
 
-def load_item(corpus: ImageCorpus, i: int, draft_to: tuple[int, int] | None = None) -> Item:
-    """Read + hash + decode one item. A failure is a skip reason, never an exception."""
+def load_item(corpus: ImageCorpus, i: int, draft_to: tuple[int, int] | None = None, plan=None) -> Item:
+    """Read + hash + decode one item. A failure is a skip reason, never an exception.
+
+    ``plan`` (an update's saefe.ingest.update.ReusePlan) answers the items the index already has:
+    unchanged by size + mtime (not even read), or by content hash (not decoded); it marks them
+    with ``meta[REUSE]`` = the old row whose vector they keep."""
+    if plan is not None:
+        known = plan.before_read(i)
+        if known is not None:
+            return known
     try:
         data, meta = corpus.read(i)
     except OSError as e:
-        return i, None, {"key": corpus.key(i)}, f"unreadable ({e.strerror or type(e).__name__})"
+        reason = "changed while being read" if isinstance(e, ItemChanged) else \
+            f"unreadable ({e.strerror or type(e).__name__})"
+        kept = plan.on_read_error(i, reason) if plan is not None else None
+        return kept or (i, None, {"key": corpus.key(i)}, reason)
     meta = dict(meta)
     meta["sha256"] = hashlib.sha256(data).hexdigest()
+    if plan is not None:
+        known = plan.after_hash(i, meta)
+        if known is not None:
+            return known
     try:
         img = decode_image(data, draft_to=draft_to)
     except BadImage as e:
@@ -57,12 +74,13 @@ class ChunkLoader:
     preprocess: Callable[[Sequence[Any]], Any] | None = None
     draft_to: tuple[int, int] | None = None
     workers: int = 0
+    plan: Any = None  # an update's ReusePlan (see load_item)
 
     def __post_init__(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=self.workers or default_workers(), thread_name_prefix="saefe-load")
 
     def _one(self, i: int) -> tuple[Item, Any]:
-        item = load_item(self.corpus, i, self.draft_to)
+        item = load_item(self.corpus, i, self.draft_to, self.plan)
         px = None
         if item[1] is not None and self.preprocess is not None:
             try:

@@ -4,6 +4,12 @@ Builds write *chunks* first (``chunks/NNNNNN.{npy,parquet,json}``; the JSON is w
 and is the commit marker), so a build killed at any instant resumes from its committed chunks
 without re-embedding them and without duplicates. ``finalise`` streams the chunks into the
 final ``vectors.npy`` and ``metadata.parquet``; only then is the manifest marked complete.
+
+Generations: an incremental update (saefe.ingest.update) writes a complete, self-contained copy
+of the data files into ``gen-NNNNNN/`` and then switches the top-level manifest (one atomic
+rename) to point at it with ``data_dir``. Readers resolve every data file through the manifest
+they read (``resolve_data_dir``), so they see the old generation or the new one, never a mix.
+A first build writes its files at the top level (``data_dir`` absent = ".").
 """
 
 from __future__ import annotations
@@ -25,13 +31,19 @@ MANIFEST = "manifest.json"
 VECTORS = "vectors.npy"
 METADATA = "metadata.parquet"
 CHUNKS = "chunks"
+# Everything one generation owns (what an update writes into gen-NNNNNN/ and later deletes). An
+# index kind that keeps extra files beside index.faiss (on-disk inverted lists) adds them here.
+DATA_FILES = (VECTORS, METADATA, "index.faiss", "index.json", "attributes.parquet", "attributes.json",
+              "skipped.parquet", "remap.npy", "codes", "estimated_demographics.parquet")
 
 
 class EmbeddingStore:
     """A finished store; ``vectors`` is an fp16 memmap so a million rows cost no RAM to open."""
 
-    def __init__(self, dir: Path, vectors: np.ndarray, metadata: pd.DataFrame, manifest: dict[str, Any]):
+    def __init__(self, dir: Path, vectors: np.ndarray, metadata: pd.DataFrame, manifest: dict[str, Any],
+                 data: Path | None = None):
         self.dir = dir
+        self.data = data if data is not None else dir  # where this generation's files live
         self.vectors = vectors
         self.metadata = metadata
         self.manifest = manifest
@@ -52,14 +64,20 @@ class EmbeddingStore:
             raise CorpusError(f"index at {d} is incomplete; run its build command again to finish it")
         if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
             raise CorpusError(f"index at {d} has format {manifest['format_version']}, newer than this saefe")
-        vectors = np.load(d / VECTORS, mmap_mode="r", allow_pickle=False)
-        metadata = pd.read_parquet(d / METADATA)
+        data = resolve_data_dir(d, manifest)
+        vectors = np.load(data / VECTORS, mmap_mode="r", allow_pickle=False)
+        metadata = pd.read_parquet(data / METADATA)
         if vectors.shape[0] != len(metadata) or vectors.shape[0] != int(manifest["count"]):
             raise CorpusError(
                 f"index at {d} is inconsistent: {vectors.shape[0]} vectors, {len(metadata)} metadata "
                 f"rows, manifest count {manifest['count']}"
             )
-        return cls(d, vectors, metadata, manifest)
+        return cls(d, vectors, metadata, manifest, data)
+
+    @property
+    def generation(self) -> int:
+        """Counter bumped by every switch to a new generation (0: a first build)."""
+        return int(self.manifest.get("generation", 0))
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
@@ -254,3 +272,30 @@ def write_manifest(dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
 def read_manifest(dir: str | os.PathLike) -> dict[str, Any] | None:
     p = Path(dir) / MANIFEST
     return read_json(p) if p.exists() else None
+
+
+def set_manifest_setting(dir: str | os.PathLike, key: str, value: Any) -> None:
+    """Set one top-level setting (e.g. ``dedup_threshold``) on the manifest now on disk; an
+    update keeps it (saefe.ingest.generation.STICKY)."""
+    m = read_manifest(dir)
+    if m is None:
+        raise CorpusError(f"no index at {dir}")
+    m[key] = value
+    write_manifest(dir, m)
+
+
+def resolve_data_dir(dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> Path:
+    """The folder holding the data files of the generation ``manifest`` (default: the one on disk
+    now) points at. Pass the manifest you already read, so that every file comes from one generation."""
+    d = Path(dir)
+    if manifest is None:
+        try:
+            manifest = read_manifest(d)
+        except (OSError, ValueError):
+            manifest = None
+    sub = (manifest or {}).get("data_dir")
+    if not sub or sub == ".":
+        return d
+    if "/" in sub or "\\" in sub or sub.startswith("."):
+        raise CorpusError(f"index at {d} names a bad data_dir {sub!r} in its manifest")
+    return d / sub

@@ -65,7 +65,7 @@ def write_estimates(store, df: pd.DataFrame, probes: ProbeSet) -> Path:
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            b"saefe": json.dumps(_meta(probes, len(df))).encode()})
-    path = Path(store.dir) / ESTIMATES
+    path = Path(getattr(store, "data", store.dir)) / ESTIMATES  # per generation: rows follow its ids
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -76,7 +76,7 @@ def read_estimates(store, probes: ProbeSet | None = None) -> pd.DataFrame | None
     """The stored estimates when present and made by ``probes`` (any probes when None)."""
     import pyarrow.parquet as pq
 
-    path = Path(store.dir) / ESTIMATES
+    path = Path(getattr(store, "data", store.dir)) / ESTIMATES  # per generation: rows follow its ids
     if not path.exists():
         return None
     try:

@@ -119,7 +119,7 @@ def load_or_compute_codes(store, sae, sae_dir: str | os.PathLike | None = None):
         try:
             from saefe.sae.codes import load_codes
 
-            csr, _ = load_codes(store.dir, sae_dir)
+            csr, _ = load_codes(getattr(store, "data", store.dir), sae_dir)
             if csr is not None and csr.shape == (len(store.vectors), sae.config.d_hidden):
                 log.info("using the stored SAE codes of %s", store.dir)
                 return csr.tocsr()

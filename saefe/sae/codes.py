@@ -60,7 +60,9 @@ def sae_name(sae_dir: str | os.PathLike) -> str:
 
 
 def codes_dir(index_dir: str | os.PathLike, name: str) -> Path:
-    return Path(index_dir) / CODES_DIR / name
+    from saefe.ingest.store import resolve_data_dir
+
+    return resolve_data_dir(index_dir) / CODES_DIR / name
 
 
 def _is_sae_dir(p: str | os.PathLike) -> bool:
@@ -238,7 +240,7 @@ def load_codes(index_dir: str | os.PathLike, sae_name_or_dir: str | os.PathLike)
             f"codes in {out} were made by an SAE with weights sha256 {meta['sae']['weights_sha256'][:12]}… but the SAE "
             f"at {sae_name_or_dir} has {digest[:12]}…; re-run `saefe encode-sae --index {index_dir} --sae {sae_name_or_dir}`"
         )
-    mpath = Path(index_dir) / "manifest.json"
+    mpath = out.parent.parent / "manifest.json"  # the manifest of the generation the codes belong to
     if mpath.exists():
         man = read_json(mpath)
         if int(man.get("count", -1)) != int(meta["index"]["count"]):

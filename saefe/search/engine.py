@@ -77,7 +77,7 @@ class Engine:
             remote = RemoteBackend(backend)
             if int(remote.d_emb) != store.dim:
                 raise IncompatibleError(f"backend {backend} has d_emb {remote.d_emb}, the index has {store.dim}")
-        index = None if remote else VectorIndex.load(store.dir)
+        index = None if remote else VectorIndex.load(store.data)
         if index is not None and index.dim != store.dim:
             raise IncompatibleError(f"FAISS index dim {index.dim} != store dim {store.dim} in {store.dir}")
         if sae_dir is None and store.manifest.get("default_sae"):
@@ -97,7 +97,18 @@ class Engine:
         from saefe.labels.attributes import read_attributes
 
         attrs = read_attributes(store)
-        return cls(store, index, sae, profiles, attrs, model, clip_server, remote, Path(sae_dir) if sae_dir else None)
+        eng = cls(store, index, sae, profiles, attrs, model, clip_server, remote, Path(sae_dir) if sae_dir else None)
+        eng._open_args = dict(index_dir=index_dir, sae_dir=sae_dir, labels_dir=labels_dir, model=model,
+                              clip_server=clip_server, backend=backend)
+        return eng
+
+    def reopen(self) -> "Engine":
+        """A fresh Engine over the index's current generation, opened with the same arguments
+        (saefe.search.live swaps it in when a build updated the index)."""
+        args = getattr(self, "_open_args", None)
+        if args is None:
+            raise SaefeError("this engine was not made by Engine.open, so it cannot be reopened")
+        return type(self).open(**args)
 
     # -- basic facts ------------------------------------------------------------------------
     @property
@@ -255,7 +266,7 @@ class Engine:
             try:
                 from saefe.sae.codes import load_codes
 
-                _, csc = load_codes(self.store.dir, self.sae_dir)
+                _, csc = load_codes(self.store.data, self.sae_dir)
                 if csc is not None and csc.shape == (len(self.store), sae.config.d_hidden):
                     return FeatureRanker(csc, len(self.store))
             except (SaefeError, OSError, ValueError, KeyError) as e:
@@ -307,6 +318,13 @@ class Engine:
             raise SteeringError("all sliders are zero")
         return self._rank_arrays(ids[keep], ws[keep], k)
 
+    def search_page(self, terms: Sequence[Term], k: int = 20, mode: str = "direction", offset: int = 0,
+                    where=None, dedup: float | str | None = "auto"):
+        """A page of results with filters, near-duplicate collapse and paging (saefe.search.query)."""
+        from saefe.search.query import search_page
+
+        return search_page(self, terms, k, mode, offset, where, dedup)
+
     # -- inspection -----------------------------------------------------------------------------
     def image_features(self, image_id: int, top: int = 10) -> list[tuple[int, float, str | None]]:
         """The image's strongest SAE features with the label each is most tied to."""
@@ -348,7 +366,7 @@ class Engine:
         s_top, i_top = self.index.search(row[None, :], k)
         s_bot, i_bot = self.index.search(-row[None, :], k)
         freq = None
-        if "ranker" in self.__dict__ or (self.sae_dir and (self.store.dir / "codes").exists()):
+        if "ranker" in self.__dict__ or (self.sae_dir and (self.store.data / "codes").exists()):
             freq = self.ranker.frequency(j)
         elif self.profiles is not None:
             counts = self.profiles.counts.astype(np.float64)

@@ -29,9 +29,13 @@ class SearchResult:
     id: int
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    group: list[int] | None = None  # near-duplicates collapsed into this result (itself first)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": int(self.id), "score": float(self.score), **self.metadata}
+        out = {"id": int(self.id), "score": float(self.score), **self.metadata}
+        if self.group is not None:
+            out.update(group_size=len(self.group), group_ids=list(self.group))
+        return out
 
 
 @dataclass

@@ -2,11 +2,17 @@
 
 - ``POST /`` JSON ``{"terms": [{"embedding": [f32...]} | {"text": str} | {"image": base64}
   | {"predefined_embedding": name}, each with optional "weight" (default 1)], "k": int (default
-  1000), "include_video": bool (ignored)}``. Each term's embedding is L2-normalised, the terms are
-  summed with their weights, the sum is L2-normalised and searched with ``engine.search_vector``.
+  1000, at most ``max_k``), "include_video": bool (ignored)}``. Each term's embedding is
+  L2-normalised, the terms are summed with their weights, the sum is L2-normalised and searched.
+  Extensions (ignored by the original clients): ``"offset"`` (paging), ``"where"`` (metadata
+  filters: ``{"subreddit": "pics", "width": {">=": 512}}`` or ``["path=memes/*"]``) and
+  ``"dedup_threshold"`` (near-duplicate collapse; default the index's setting, else 0.95; 0 or
+  false turns it off).
   Reply ``{"matches": [[score, filename_or_url, sha256 or "", 0, [width, height] | null, null], ...],
-  "formats": [], "extensions": {}}``. A bad request (unknown term type, wrong dimension, bad base64,
-  NaN, undecodable image, unknown predefined name) gets 400 ``{"error": message}``.
+  "formats": [], "extensions": {}, "group_sizes": [...], "offset", "has_more", "next_offset"}``; a filename is
+  the image's path relative to the corpus root (or its URL), never a path on the server.
+  A bad request (unknown term type, wrong dimension, bad base64, NaN, undecodable image, unknown
+  predefined name, k above the cap, bad filter) gets 400 ``{"error": message}``.
 - Optional ``"debias": {"method": "rerank" | "ablate" | "project" | "ablate+rerank"..., "protect":
   "gender" | ["gender", "age"], "target": "corpus" | "parity" | "Male=0.5,Female=0.5", "pool": int}``
   (an extension; meme-search-engine clients never send it): ``project`` and ``rerank`` act on the
@@ -14,11 +20,14 @@
   ``predefined_embedding`` terms (label mixes) and leaves other terms as they are. The reply then
   also has ``"debias": {...}`` saying what was done, which groups are estimates, and whether the
   target shares were met. A bad debias request (unknown method, an attribute with no labels and
-  no probe) is a 400.
+  no probe) is a 400. Debiased lists are not paged, filtered or collapsed.
 - ``GET /`` -> ``{"n_total", "predefined_embedding_names", "d_emb"}``; ``GET /metrics`` Prometheus text.
+- ``POST /reload`` -> ``{"generation", "n_total", "changed", "error"}``: reopen the index now if it
+  changed (``{"force": true}``: always). The server also notices a new generation on its own
+  (saefe.search.live), so an update needs neither this call nor a restart.
 
 Permissive CORS like the original, so a browser front end on another origin can query it. The
-engine (model and index) runs on one worker thread off the event loop.
+engine (model and index) runs on a few worker threads off the event loop; searches only read.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import base64
 import binascii
 import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,7 +48,8 @@ from saefe.serve.clip_server import METRICS_KEY, Metrics, metrics_response, serv
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 1000
-MAX_K = 100_000
+MAX_K = 1000  # meme-search-engine's default k; more is a crawl of the corpus, not a search
+WORKERS = 4
 MAX_BODY = 2**26
 TERM_TYPES = ("embedding", "text", "image", "predefined_embedding")
 
@@ -57,11 +68,22 @@ def _normalised(v: np.ndarray, what: str) -> np.ndarray:
     return v / n
 
 
-def _to_match(r) -> list:
+def _relative(path, root: str | None) -> str | None:
+    """A stored path as a client may see it: relative to the corpus root, never a server path."""
+    if not isinstance(path, str) or not path:
+        return None
+    if not os.path.isabs(path):
+        return path
+    if root and os.path.commonpath([os.path.abspath(path), root]) == root:
+        return os.path.relpath(path, root)
+    return os.path.basename(path)
+
+
+def _to_match(r, root: str | None = None) -> list:
     md = getattr(r, "metadata", None) or {}
-    # a URL as is; else the absolute path the engine resolved (usable by a client on this machine)
-    name = next((v for v in (md.get("url"), md.get("image_path"), md.get("path")) if isinstance(v, str) and v),
-                str(getattr(r, "id", "")))
+    # a URL as is; else the path relative to the corpus root (a server path would leak its layout)
+    url = md.get("url")
+    name = (url if isinstance(url, str) and url else None) or _relative(md.get("path"), root) or str(getattr(r, "id", ""))
     sha = md.get("sha256")
     w, h = md.get("width"), md.get("height")
     size = None
@@ -74,11 +96,45 @@ def _to_match(r) -> list:
 
 
 class QueryPlanner:
-    """Turns the JSON terms into one query vector with an engine; raises QueryError on bad input."""
+    """Turns the JSON terms into one query vector with an engine; raises QueryError on bad input.
+    ``live`` (saefe.search.live.LiveEngine) hands out the current engine of a reloadable index."""
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.dim = int(engine.dim)
+    def __init__(self, live, max_k: int = MAX_K, dedup_threshold: float | str | None = "auto"):
+        self.live = live
+        self.max_k = int(max_k)
+        self.dedup_threshold = dedup_threshold
+
+    @property
+    def engine(self):
+        return self.live.engine
+
+    @property
+    def dim(self) -> int:
+        return int(self.engine.dim)
+
+    def options(self, body) -> dict:
+        """offset / where / dedup_threshold of a request body (validated; defaults filled in)."""
+        offset = body.get("offset", 0) or 0
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise QueryError(f"'offset' must be an integer >= 0, got {offset!r}")
+        where = body.get("where")
+        if where is not None:
+            from saefe.search.filters import Filter, FilterError
+
+            if not isinstance(where, (dict, list, str)):
+                raise QueryError("'where' must be an object {column: value}, a list of 'COLUMN OP VALUE' or a string")
+            try:
+                where = Filter.parse(where)
+            except FilterError as e:
+                raise QueryError(str(e)) from None
+        dedup = body.get("dedup_threshold", self.dedup_threshold)
+        if dedup is False or dedup is None or dedup == 0:
+            dedup = None
+        elif dedup == "auto":
+            pass
+        elif isinstance(dedup, bool) or not isinstance(dedup, (int, float)) or not 0 <= dedup <= 1:
+            raise QueryError(f"'dedup_threshold' must be a cosine in (0, 1], or 0 / false for off; got {dedup!r}")
+        return {"offset": offset, "where": where, "dedup": dedup}
 
     def parse_debias(self, body):
         """The optional ``debias`` member as a DebiasConfig (None when absent)."""
@@ -110,6 +166,8 @@ class QueryPlanner:
             k = DEFAULT_K
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise QueryError(f"'k' must be a positive integer, got {k!r}")
+        if k > self.max_k:
+            raise QueryError(f"'k' is at most {self.max_k} on this server (got {k}); page with 'offset' for more")
         parsed = []
         for i, term in enumerate(terms):
             if not isinstance(term, dict):
@@ -127,7 +185,7 @@ class QueryPlanner:
                 raise QueryError(f"term {i} has none of {', '.join(TERM_TYPES)}")
             for kind in kinds:  # the original adds every kind a term carries
                 parsed.append((kind, self._check(i, kind, term[kind]), float(weight)))
-        return parsed, min(int(k), MAX_K)
+        return parsed, int(k)
 
     def _check(self, i: int, kind: str, value):
         if kind == "embedding":
@@ -159,26 +217,27 @@ class QueryPlanner:
             raise QueryError(f"term {i}: unknown predefined_embedding {value!r} (available: {names})")
         return value
 
-    def query_vector(self, parsed, flagged=None) -> np.ndarray:
+    def query_vector(self, parsed, engine=None, flagged=None) -> np.ndarray:
         """Blocking: embeds text/image terms through the engine (``flagged``: features that ablate
         removes from predefined label mixes)."""
         from saefe.errors import SaefeError
 
-        total = np.zeros(self.dim, np.float32)
+        engine = engine or self.engine
+        total = np.zeros(int(engine.dim), np.float32)
         for j, (kind, value, weight) in enumerate(parsed):
             try:
                 if kind == "embedding":
                     v = value
                 elif kind == "text":
-                    v = self.engine.embed_text(value)
+                    v = engine.embed_text(value)
                 elif kind == "image":
-                    v = self.engine.embed_image_bytes(value)
+                    v = engine.embed_image_bytes(value)
                 elif flagged is not None:
                     from saefe.search.debias import ablated_direction
 
-                    v = ablated_direction(self.engine, value, flagged)
+                    v = ablated_direction(engine, value, flagged)
                 else:
-                    v = self.engine.predefined[value]
+                    v = engine.predefined[value]
             except SaefeError as e:
                 raise QueryError(f"{kind} term: {e}") from None
             except Exception as e:  # noqa: BLE001 - undecodable images surface as many exception types
@@ -188,37 +247,78 @@ class QueryPlanner:
             total += weight * _normalised(np.asarray(v, dtype=np.float32), f"{kind} term embedding")
         return _normalised(total, "the weighted sum of the terms")
 
-    def search(self, parsed, k: int, debias=None):
-        """Matches; with ``debias`` (a DebiasConfig), (matches, the debias info as a dict)."""
+    def search(self, parsed, k: int, opts: dict | None = None, debias=None) -> dict:
+        """One page: {"matches", "group_sizes", "offset", "has_more", "next_offset"} (blocking);
+        with ``debias`` (a DebiasConfig) also "debias" (what was done), and no paging."""
         from saefe.errors import RemoteError, SaefeError
 
-        k = min(k, max(1, int(self.engine.n_total)))
+        opts = opts or {"offset": 0, "where": None, "dedup": self.dedup_threshold}
+        engine = self.engine  # one engine (one index generation) for the whole request
+        info = None
         try:
-            if debias is None:
-                return [_to_match(r) for r in self.engine.search_vector(self.query_vector(parsed), k)]
-            from saefe.search.debias import flagged_features, start, vector_search
+            if debias is not None:
+                from saefe.search.debias import flagged_features, start, vector_search
 
-            attrs, targets, info = start(self.engine, debias)
-            flagged = None
-            if "ablate" in debias.methods:
-                flagged = flagged_features(self.engine, attrs, debias.threshold)
-                if not any(kind == "predefined_embedding" for kind, _, _ in parsed):
-                    info.notes.append("ablate acts on predefined_embedding terms (label mixes); none was given")
-            results = vector_search(self.engine, self.query_vector(parsed, flagged), k, debias, attrs, targets, info)
+                if opts["where"] or opts["offset"]:
+                    raise QueryError("'where' and 'offset' do not combine with 'debias' yet")
+                attrs, targets, info = start(engine, debias)
+                flagged = None
+                if "ablate" in debias.methods:
+                    flagged = flagged_features(engine, attrs, debias.threshold)
+                    if not any(kind == "predefined_embedding" for kind, _, _ in parsed):
+                        info.notes.append("ablate acts on predefined_embedding terms (label mixes); none was given")
+                k = min(k, max(1, int(engine.n_total)))
+                results = vector_search(engine, self.query_vector(parsed, engine, flagged), k, debias, attrs, targets, info)
+                has_more, nxt = False, len(results)
+            elif hasattr(engine, "store"):  # a local index: filters, collapse, paging
+                from saefe.search.query import search_vector_page
+
+                page = search_vector_page(engine, self.query_vector(parsed, engine), k, opts["offset"], opts["where"],
+                                          opts["dedup"])
+                results, has_more = page.results, page.has_more
+                nxt = page.next_offset
+            else:  # anything else with search_vector (a remote or stand-in engine): plain paging
+                if opts["where"]:
+                    raise QueryError("this server cannot filter (no local metadata)")
+                n = max(1, int(engine.n_total))
+                results = engine.search_vector(self.query_vector(parsed, engine), min(opts["offset"] + k + 1, n))
+                has_more = len(results) > opts["offset"] + k
+                results = results[opts["offset"]: opts["offset"] + k]
+                nxt = opts["offset"] + len(results)
         except RemoteError:
             raise  # the engine's own remote backend failed: a server-side error (500)
         except SaefeError as e:
             raise QueryError(str(e)) from None
-        return [_to_match(r) for r in results], results.info.to_dict()
+        store = getattr(engine, "store", None)
+        root = store._image_base() if hasattr(store, "_image_base") else None
+        out = {"matches": [_to_match(r, root) for r in results],
+               "group_sizes": [len(r.group) if getattr(r, "group", None) else 1 for r in results],
+               "offset": opts["offset"], "has_more": bool(has_more), "next_offset": nxt}
+        if info is not None:
+            out["debias"] = info.to_dict()
+        return out
 
 
-def make_app(engine):
-    """An aiohttp app serving ``engine`` (Engine or anything with the same attributes)."""
+def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | str | None = "auto"):
+    """An aiohttp app serving ``engine``: an Engine (or anything with the same attributes), or a
+    saefe.search.live.LiveEngine that follows its index's updates."""
     from aiohttp import web
 
-    planner = QueryPlanner(engine)
-    predefined_names = sorted(engine.predefined)  # computed once here, not on the event loop
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saefe-backend-engine")
+    from saefe.search.live import LiveEngine, one_blas_thread_per_request
+
+    one_blas_thread_per_request()
+    live = engine if isinstance(engine, LiveEngine) else LiveEngine.static(engine)
+    planner = QueryPlanner(live, max_k, dedup_threshold)
+    names_of: dict[int, list[str]] = {}
+
+    def predefined_names(eng) -> list[str]:  # computed once per engine, off the event loop
+        if id(eng) not in names_of:
+            names_of.clear()
+            names_of[id(eng)] = sorted(eng.predefined)
+        return names_of[id(eng)]
+
+    predefined_names(live.engine)
+    executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="saefe-backend-engine")
     metrics = Metrics()
     metrics.counter("saefe_backend_queries_total", "Search requests by status")
     metrics.counter("saefe_backend_terms_total", "Query terms by type")
@@ -243,15 +343,13 @@ def make_app(engine):
             except ValueError:
                 raise QueryError("request body is not valid JSON") from None
             parsed, k = planner.parse(body)
+            opts = planner.options(body)
             debias = planner.parse_debias(body)
             for kind, _, _ in parsed:
                 metrics.inc("saefe_backend_terms_total", type=kind)
             loop = asyncio.get_running_loop()
-            found = await loop.run_in_executor(executor, planner.search, parsed, k, debias)
-            matches, info = found if debias is not None else (found, None)
-            status, out = 200, {"matches": matches, "formats": [], "extensions": {}}
-            if info is not None:
-                out["debias"] = info
+            page = await loop.run_in_executor(executor, planner.search, parsed, k, opts, debias)
+            status, out = 200, {**page, "formats": [], "extensions": {}}
         except QueryError as e:
             metrics.inc("saefe_backend_errors_total", reason="bad_request")
             status, out = 400, {"error": str(e)}
@@ -264,11 +362,23 @@ def make_app(engine):
         return reply(out, status)
 
     async def info(request):
+        loop = asyncio.get_running_loop()
+        eng = await loop.run_in_executor(executor, lambda: live.engine)  # may reopen a new generation
+        names = await loop.run_in_executor(executor, predefined_names, eng)
         return reply({
-            "n_total": int(engine.n_total),
-            "predefined_embedding_names": predefined_names,
-            "d_emb": int(engine.dim),
+            "n_total": int(eng.n_total),
+            "predefined_embedding_names": names,
+            "d_emb": int(eng.dim),
         })
+
+    async def reload(request):
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            body = {}
+        force = bool(body.get("force")) if isinstance(body, dict) else False
+        loop = asyncio.get_running_loop()
+        return reply(await loop.run_in_executor(executor, lambda: live.reload(force=force)))
 
     async def options(request):
         return web.Response(status=204, headers=cors)
@@ -282,6 +392,7 @@ def make_app(engine):
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post("/", search)
     app.router.add_get("/", info)
+    app.router.add_post("/reload", reload)
     app.router.add_route("OPTIONS", "/", options)
     app.router.add_get("/metrics", metrics_view)
     app.on_cleanup.append(on_cleanup)

@@ -39,6 +39,7 @@ __all__ = ["SaefeApp", "SliderLayout", "MixState", "create_app", "launch", "allo
 
 
 def create_app(engine: Engine, top_n: int = TOP_N) -> tuple[SaefeApp, Any]:
+    """The app over ``engine`` (an Engine, followed through its index's updates, or a LiveEngine)."""
     app = SaefeApp(engine, top_n=top_n)
     app.warm()
     return app, app.build()
@@ -53,9 +54,13 @@ def allowed_paths(engine: Engine) -> list[str]:
 def launch(engine: Engine, host: str = "127.0.0.1", port: int | None = 7860, *, prevent_thread_lock: bool = False,
            quiet: bool = False, max_threads: int = 40):
     """Serve the app; returns the Blocks (launched) and its SaefeApp."""
+    from saefe.search.live import one_blas_thread_per_request
+
+    one_blas_thread_per_request()
     app, demo = create_app(engine)
+    engine = app.engine
     # api_open: plain `POST /gradio_api/run/<name>` {"data": [...]} works too, besides the queue
-    demo.queue(default_concurrency_limit=4, max_size=256, api_open=True)
+    demo.queue(default_concurrency_limit=8, max_size=512, api_open=True)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock, quiet=quiet,
                 allowed_paths=allowed_paths(engine), show_error=True, ssr_mode=False, max_threads=max_threads,
                 css=CSS, footer_links=["api"])

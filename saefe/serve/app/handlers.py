@@ -17,6 +17,7 @@ from saefe.analysis.saliency import overlay, smoothgrad
 from saefe.errors import SaefeError, SteeringError
 from saefe.search.bias import DEMOGRAPHICS
 from saefe.search.engine import MODES, Engine, SearchResult, Term
+from saefe.search.live import LiveEngine
 from saefe.search.mix import FeatureMix, evaluate_expression
 from saefe.serve.app.guard import ok as _ok
 from saefe.serve.app.guard import parse_feature_id as _parse_feature_id
@@ -25,22 +26,35 @@ from saefe.serve.app.guard import parse_int as _parse_int
 from saefe.serve.app.guard import read_bytes as _read_bytes
 from saefe.serve.app.guard import small_k as _small_k
 from saefe.serve.app.state import N_CUSTOM, TOP_N, MixState, SliderLayout
-from saefe.serve.app.views import image_ref as _image_ref, bias_json, bias_markdown, caption, mix_summary, parse_query, result_json
+from saefe.serve.app.views import bias_json, bias_markdown, caption, mix_summary, parse_query, result_json
 
 log = logging.getLogger("saefe.serve.app")
 
 DEFAULT_K = 20
+DEDUP = None  # API default for dedup_threshold: the index's own near-duplicate cosine; 0 turns it off
+
+
+def _dedup(threshold) -> float | str | None:
+    """API value -> search option: None = the index's own threshold, 0 = off, else the cosine."""
+    return "auto" if threshold is None else (threshold or None)
 
 
 class SaefeApp:
-    """Holds the engine and the handlers; :meth:`build` makes the Blocks."""
+    """Holds the engine and the handlers; :meth:`build` makes the Blocks. The engine follows its
+    index (saefe.search.live): a build that updates the index is served without a restart."""
 
-    def __init__(self, engine: Engine, top_n: int = TOP_N, n_custom: int = N_CUSTOM):
-        self.engine = engine
+    def __init__(self, engine: Engine | LiveEngine, top_n: int = TOP_N, n_custom: int = N_CUSTOM):
+        self.live = engine if isinstance(engine, LiveEngine) else LiveEngine.follow(engine)
+        engine = self.live.engine
         self.layout = SliderLayout.from_profiles(engine.profiles if engine.sae is not None else None, top_n)
         self.state = MixState(engine, self.layout, n_custom)
         self._lock = threading.Lock()  # first-use initialisation of engine caches
         self.blocks = None
+
+    @property
+    def engine(self) -> Engine:
+        """The current engine (one generation of the index); take it once per request."""
+        return self.live.engine
 
     def default_label(self) -> str | None:
         """The label menus open on an emotion, not on a demographic label (Kid, Male...)."""
@@ -79,8 +93,24 @@ class SaefeApp:
             return self.engine.search_vector(vec, k), vec
         return self.engine.search_features(mix, k), vec
 
-    def results_json(self, results: Sequence[SearchResult]) -> list[dict[str, Any]]:
-        return [result_json(self.engine, r, i) for i, r in enumerate(results, 1)]
+    def results_json(self, results: Sequence[SearchResult], start: int = 1, engine=None) -> list[dict[str, Any]]:
+        engine = engine or self.engine
+        return [result_json(engine, r, i) for i, r in enumerate(results, start)]
+
+    def page(self, spec: dict[str, Any], engine=None):
+        """Run a page spec (what "more" needs to fetch the next page of the same search)."""
+        from saefe.search.query import rank_features_page, search_vector_page
+
+        engine = engine or self.engine
+        where, dedup = spec.get("where") or None, spec.get("dedup")
+        if spec["how"] == "features":
+            return rank_features_page(engine, np.asarray(spec["ids"], np.int64), np.asarray(spec["ws"], np.float64),
+                                      spec["k"], spec["offset"], where, dedup)
+        return search_vector_page(engine, np.asarray(spec["vec"], np.float32), spec["k"], spec["offset"], where, dedup)
+
+    def _page_json(self, engine, page, **extra) -> dict:
+        return {**extra, "offset": page.offset, "has_more": page.has_more, "matching": page.matching,
+                "dedup_threshold": page.dedup_threshold, "results": self.results_json(page.results, page.offset + 1, engine)}
 
     # ---- API endpoints (gr.Error on bad input) ------------------------------------------
     def api_labels(self) -> dict:
@@ -97,24 +127,45 @@ class SaefeApp:
         }
 
     def api_search(self, query: str, mode: str = "direction", k: int = DEFAULT_K) -> dict:
-        """Search by a label, an expression ('Esteem - Male + Adult') or features JSON ({"12": 0.5})."""
-        term = parse_query(self.engine, query)
+        """Search by a label, an expression ('Esteem - Male + Adult') or features JSON ({"12": 0.5});
+        near-duplicates collapsed (see /search_page for paging, filters and the threshold)."""
+        return self.api_search_page(query, mode, k)
+
+    def api_search_page(self, query: str, mode: str = "direction", k: int = DEFAULT_K, offset: int = 0,
+                        where: str = "", dedup_threshold: float | None = DEDUP) -> dict:
+        """/search with paging and filters. offset: results to skip; where: metadata conditions
+        ('subreddit=pics; width>=512; path=memes/*'); dedup_threshold: collapse near-duplicates at
+        this cosine (0: off). The reply says whether more results follow (has_more)."""
+        e = self.engine
+        term = parse_query(e, query)
         mode = self._check_mode(mode)
-        results = self.engine.search([term], k=k, mode=mode)
-        return {"query": query, "kind": term.kind, "mode": mode, "results": self.results_json(results)}
+        page = e.search_page([term], k=k, mode=mode, offset=_parse_int(offset or 0, "offset"), where=where or None,
+                             dedup=_dedup(dedup_threshold))
+        return self._page_json(e, page, query=query, kind=term.kind, mode=mode)
 
     def api_search_text(self, text: str, k: int = DEFAULT_K) -> dict:
-        """Search by a text description (SigLIP text embedding)."""
-        results = self.engine.search([Term("text", text)], k=k)
-        return {"query": text, "kind": "text", "mode": "direction", "results": self.results_json(results)}
+        """Search by a text description (SigLIP text embedding); near-duplicates collapsed."""
+        return self.api_search_text_page(text, k)
+
+    def api_search_text_page(self, text: str, k: int = DEFAULT_K, offset: int = 0, where: str = "",
+                             dedup_threshold: float | None = DEDUP) -> dict:
+        """/search_text with paging and filters (as /search_page)."""
+        e = self.engine
+        page = e.search_page([Term("text", text)], k=k, offset=_parse_int(offset or 0, "offset"), where=where or None,
+                             dedup=_dedup(dedup_threshold))
+        return self._page_json(e, page, query=text, kind="text", mode="direction")
 
     def api_search_image(self, image: str, k: int = DEFAULT_K) -> dict:
-        """Search by an image file (upload it with gradio_client.handle_file)."""
+        """Search by an image file (upload it with gradio_client.handle_file); duplicates collapsed."""
         if not image:
             raise SaefeError("no image given")
-        results = self.engine.search([Term("image", _read_bytes(image))], k=k)
-        return {"query": os.path.basename(str(image)), "kind": "image", "mode": "direction",
-                "results": self.results_json(results)}
+        e = self.engine
+        page = e.search_page([Term("image", _read_bytes(image))], k=k)
+        return self._page_json(e, page, query=os.path.basename(str(image)), kind="image", mode="direction")
+
+    def api_reload(self, force: bool = False) -> dict:
+        """Reopen the index now if a build changed it (force: always); it is also noticed by itself."""
+        return self.live.reload(force=bool(force))
 
     def api_inspect_feature(self, feature: str, k: int = 8) -> dict:
         """A feature's top / bottom images, activation frequency and most tied labels."""
@@ -177,53 +228,122 @@ class SaefeApp:
         out = self.state.write(mix, custom)
         return [mix.to_dict(), *out, _ok(f"{msg} — {mix_summary(mix)}")]
 
-    def _search_mix(self, prev, values, mode, k, debias=(None, None, None)):
-        """``debias``: the Debias control's (method, protected attributes, target)."""
+    def _spec(self, how: str, k, where: str, dedup_on: bool, threshold, **query) -> dict:
+        from saefe.search.filters import Filter
+
+        Filter.parse(where or None)  # a malformed condition fails here, with its message
+        thr = (float(threshold) if threshold else "auto") if dedup_on else None
+        return {"how": how, "k": int(k), "offset": 0, "where": (where or "").strip(), "dedup": thr, **query}
+
+    def _debias_cfg(self, debias, where):
+        from saefe.serve.app import fairness
+
+        cfg = fairness.config(*(debias or (None, None, None)))
+        if cfg is not None and (where or "").strip():
+            raise SaefeError("the filter does not combine with Debias yet: clear one of them")
+        return cfg
+
+    def _search_mix(self, prev, values, mode, k, debias=(None, None, None), where="", dedup_on=True, threshold=None):
+        """``debias``: the Debias control's (method, protected attributes, target); ``where``,
+        ``dedup_on``, ``threshold``: the filter box and the near-duplicate collapse."""
         from saefe.serve.app import fairness
 
         mix = self.state.read(prev, values)
-        cfg = fairness.config(*debias)
-        if cfg is None:
-            results, vec = self.run_mix(mix, mode, k)
-            return self._show(results, vec, f"{len(results)} results ({self._check_mode(mode)} mode) — "
-                              f"{mix_summary(mix)}", mix.to_dict())
+        mode = self._check_mode(mode)
         if mix.is_zero():
             raise SteeringError("all sliders are zero: set an emotion, move a slider or enter an expression")
-        mode = self._check_mode(mode)
-        results, md, note = fairness.search(self, [Term("features", mix.to_dict())], mode, k, cfg)
-        return self._show(results, self.engine.direction(mix),
-                          f"{len(results)} results ({mode} mode){note} — {mix_summary(mix)}", mix.to_dict(), md)
+        e = self.engine
+        cfg = self._debias_cfg(debias, where)
+        vec = e.direction(mix)
+        if cfg is not None:  # fair re-ranking reorders a whole list: no paging or collapse on top
+            results, md, note = fairness.search(self, [Term("features", mix.to_dict())], mode, k, cfg)
+            return self._show_results(e, results, vec, f"({mode} mode){note} — {mix_summary(mix)}", mix.to_dict(), md)
+        if mode == "direction":
+            spec = self._spec("vector", k, where, dedup_on, threshold, vec=vec.tolist())
+        else:
+            ids, ws = mix.as_arrays()
+            spec = self._spec("features", k, where, dedup_on, threshold, ids=ids.tolist(), ws=ws.tolist())
+        return self._show(e, spec, vec, f"({mode} mode) — {mix_summary(mix)}", mix.to_dict())
 
-    def _search_text(self, text, k, debias=(None, None, None)):
-        return self._search_term(Term("text", text), self.engine.embed_text(text), k, debias,
-                                 f"text {str(text).strip()!r}")
+    def _search_text(self, text, k, debias=(None, None, None), where="", dedup_on=True, threshold=None):
+        e = self.engine
+        return self._search_term(e, Term("text", text), e.embed_text(text), k, debias, where, dedup_on, threshold,
+                                 f"for text {str(text).strip()!r}")
 
-    def _search_image(self, image, k, debias=(None, None, None)):
+    def _search_image(self, image, k, debias=(None, None, None), where="", dedup_on=True, threshold=None):
         if not image:
             raise SaefeError("upload an image first")
+        e = self.engine
         data = _read_bytes(image)
-        return self._search_term(Term("image", data), self.engine.embed_image(data), k, debias, "the uploaded image")
+        return self._search_term(e, Term("image", data), e.embed_image(data), k, debias, where, dedup_on, threshold,
+                                 "for the uploaded image")
 
-    def _search_term(self, term, vec, k, debias, what):
+    def _search_term(self, e, term, vec, k, debias, where, dedup_on, threshold, what):
         from saefe.serve.app import fairness
 
-        cfg = fairness.config(*debias)
-        if cfg is None:
-            results = self.engine.search_vector(vec, k)
-            return self._show(results, vec, f"{len(results)} results for {what}")
-        results, md, note = fairness.search(self, [term], "direction", k, cfg)
-        return self._show(results, vec, f"{len(results)} results for {what}{note}", None, md)
+        cfg = self._debias_cfg(debias, where)
+        if cfg is not None:
+            results, md, note = fairness.search(self, [term], "direction", k, cfg)
+            return self._show_results(e, results, vec, f"{what}{note}", None, md)
+        return self._show(e, self._spec("vector", k, where, dedup_on, threshold, vec=np.asarray(vec).tolist()), vec, what)
 
-    def _show(self, results, vec, msg, mix_dict=None, bias=None):
-        rows = self.results_json(results)
-        gallery = [(_image_ref(self.engine, r), caption(j)) for r, j in zip(results, rows) if _image_ref(self.engine, r)]
+    def _show(self, e, spec, vec, msg, mix_dict=None, rows=None):
+        """A page of ``spec`` appended to ``rows`` (the More button), and the new page state."""
+        page = self.page(spec, e)
+        new = self.results_json(page.results, spec["offset"] + 1, e)
+        rows = list(rows or []) + new
+        spec = {**spec, "msg": msg, "has_more": page.has_more, "next_offset": page.next_offset}
+        extra = (f"; filter {page.filter}: {page.matching} of {e.n_total} images match" if page.matching is not None else "")
+        extra += "; near-duplicates collapsed" if page.dedup_threshold else ""
+        extra += " — press More for the next page" if page.has_more else ""
+        return self._view(e, rows, vec, f"{len(rows)} results {msg}{extra}", mix_dict, None, spec)
+
+    def _show_results(self, e, results, vec, msg, mix_dict=None, bias=None):
+        """A finished list (debiased): shown whole, no next page."""
+        rows = self.results_json(results, 1, e)
+        return self._view(e, rows, vec, f"{len(rows)} results {msg}", mix_dict, bias, {"has_more": False})
+
+    def _view(self, e, rows, vec, msg, mix_dict, bias, spec):
+        gallery = [(j["image_path"] if j.get("image_path") else j.get("url"), caption(j)) for j in rows
+                   if j.get("image_path") or j.get("url")]
         if bias is None:
             try:
-                bias = bias_markdown(bias_json(self.engine, results))
-            except SaefeError as e:
-                bias = f"_bias: {e}_"
+                bias = bias_markdown(bias_json(e, [SearchResult(int(j["id"]), float(j["score"]),
+                                                                {"sha256": j.get("sha256"), "path": j.get("file")})
+                                                   for j in rows]))
+            except SaefeError as err:
+                bias = f"_bias: {err}_"
         return [gallery, rows, np.asarray(vec, np.float32).tolist(), bias, _ok(msg),
-                gr.skip() if mix_dict is None else mix_dict]
+                gr.skip() if mix_dict is None else mix_dict, spec]
+
+    def _more(self, spec, rows, vec):
+        if not spec or not rows:
+            raise SaefeError("run a search first")
+        if not spec.get("has_more") or "how" not in spec:
+            raise SaefeError("no more results for this search")
+        nxt = {**spec, "offset": int(spec["next_offset"])}
+        return self._show(self.engine, nxt, vec, spec.get("msg", ""), None, rows)
+
+    def _export(self, rows):
+        """The results shown, as a CSV file to download (paths, scores, features)."""
+        import tempfile
+
+        from saefe.search.export import export_results
+
+        if not rows:
+            raise SaefeError("run a search first")
+        skip = {"id", "score", "rank", "group_size", "group_ids"}
+        results = [SearchResult(int(r["id"]), float(r["score"]), {k: v for k, v in r.items() if k not in skip},
+                                r.get("group_ids")) for r in rows]
+        path = os.path.join(tempfile.mkdtemp(prefix="saefe-export-"), "results.csv")
+        export_results(self.engine, results, path, offset=int(rows[0].get("rank", 1)) - 1)
+        return [gr.update(value=path, visible=True), _ok(f"exported {len(rows)} results")]
+
+    def _reload(self):
+        st = self.live.reload(force=True)
+        if st["error"]:
+            raise SaefeError(f"could not reopen the index ({st['error']}); still serving generation {st['generation']}")
+        return _ok(f"index reopened: generation {st['generation']}, {st['n_total']} images")
 
     def _select(self, rows, evt):
         if not rows or evt is None or evt.index is None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from saefe.errors import SaefeError
+from saefe.search.dedup import default_threshold
 from saefe.serve.app import fairness
 from saefe.serve.app.guard import api_safe, ui_safe
 from saefe.serve.app.state import SLIDER_STEP
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 DEFAULT_K = 20
 MAX_K = 200
+READ_LIMIT = 32  # concurrent read-only events (searches, API reads); the model-heavy ones stay lower
 
 
 def build_page(app: "SaefeApp") -> gr.Blocks:
@@ -29,7 +31,8 @@ def build_page(app: "SaefeApp") -> gr.Blocks:
     with gr.Blocks(title="SAEFE — steer image search with SAE features") as page:
         gr.Markdown(_header(app))
         c = SimpleNamespace(status=gr.Markdown("", elem_id="saefe-status"), mix_state=gr.State({}),
-                            rows_state=gr.State([]), vec_state=gr.State([]), sel_state=gr.State(None))
+                            rows_state=gr.State([]), vec_state=gr.State([]), sel_state=gr.State(None),
+                            page_state=gr.State({}))
         with gr.Row():
             with gr.Column(scale=2, min_width=420):
                 _mix_column(app, c)
@@ -102,6 +105,12 @@ def _results_column(app: "SaefeApp", c: SimpleNamespace) -> None:
                           info="direction: cosine to the mix's decoder direction; features: exact Σ w·a",
                           elem_id="mode")
         c.k = gr.Slider(1, MAX_K, DEFAULT_K, step=1, label="Results", elem_id="k")
+    with gr.Row(equal_height=True):
+        c.where = gr.Textbox(label="Filter", placeholder="subreddit=pics; width>=512; path=memes/*", scale=4,
+                             elem_id="where", info="metadata conditions, all must hold (= != >= <= > <, globs, a|b)")
+        c.dedup = gr.Checkbox(True, label="Collapse near-duplicates", scale=1, elem_id="dedup")
+        c.dedup_thr = gr.Number(default_threshold(app.engine.store), label="at cosine", minimum=0.5, maximum=1.0,
+                                step=0.0005, scale=1, min_width=80, elem_id="dedup-thr")
     c.run_btn = gr.Button("Run Search", variant="primary", elem_id="run-btn")
     with gr.Accordion("Search by text or image", open=False, elem_id="other-search"):
         with gr.Row(equal_height=True):
@@ -113,6 +122,11 @@ def _results_column(app: "SaefeApp", c: SimpleNamespace) -> None:
             c.img_btn = gr.Button("Image search", scale=1, elem_id="img-btn")
     c.gallery = gr.Gallery(label="Results", columns=5, height=520, object_fit="contain", allow_preview=False,
                            elem_id="gallery")
+    with gr.Row(equal_height=True):
+        c.more_btn = gr.Button("More", elem_id="more-btn", scale=2)
+        c.export_btn = gr.Button("Export CSV", elem_id="export-btn", scale=1)
+        c.reload_btn = gr.Button("Reload index", elem_id="reload-btn", scale=1)
+    c.export_file = gr.File(label="Exported results", visible=False, elem_id="export-file")
     c.bias_md = gr.Markdown("_bias: run a search_", elem_id="bias")
     fairness.build_debias_controls(app, c)
     with gr.Accordion("5 · Selected result", open=True):
@@ -165,15 +179,25 @@ def _wire_mix(app: "SaefeApp", c: SimpleNamespace) -> None:
 
 
 def _wire_search(app: "SaefeApp", c: SimpleNamespace) -> None:
-    out = [c.gallery, c.rows_state, c.vec_state, c.bias_md, c.status, c.mix_state]
-    db = c.debias_in  # method, protected attributes, target: every search runs debiased while one is chosen
-    c.run_btn.click(ui_safe(lambda prev, md, kk, m, p, t, *v: app._search_mix(prev, list(v), md, kk, (m, p, t)),
-                            len(out), 4), [c.mix_state, c.mode, c.k, *db, *c.slider_io], out, api_visibility="private")
-    text = ui_safe(lambda q, kk, m, p, t: app._search_text(q, kk, (m, p, t)), len(out), 4)
-    c.text_btn.click(text, [c.text_q, c.k, *db], out, api_visibility="private")
-    c.text_q.submit(text, [c.text_q, c.k, *db], out, api_visibility="private")
-    c.img_btn.click(ui_safe(lambda im, kk, m, p, t: app._search_image(im, kk, (m, p, t)), len(out), 4),
-                    [c.img_q, c.k, *db], out, api_visibility="private")
+    """Searches only read the index, so they run concurrently (READ_LIMIT at a time). Every search
+    runs debiased while a Debias method is chosen, filtered by the filter box, collapsed as set."""
+    out = [c.gallery, c.rows_state, c.vec_state, c.bias_md, c.status, c.mix_state, c.page_state]
+    db = c.debias_in  # method, protected attributes, target
+    opts = [c.where, c.dedup, c.dedup_thr]
+    run = ui_safe(lambda prev, md, kk, m, p, t, wh, dd, th, *v: app._search_mix(prev, list(v), md, kk, (m, p, t), wh, dd, th),
+                  len(out), 4)
+    c.run_btn.click(run, [c.mix_state, c.mode, c.k, *db, *opts, *c.slider_io], out, api_visibility="private",
+                    concurrency_limit=READ_LIMIT)
+    text = ui_safe(lambda q, kk, m, p, t, wh, dd, th: app._search_text(q, kk, (m, p, t), wh, dd, th), len(out), 4)
+    for trigger in (c.text_btn.click, c.text_q.submit):
+        trigger(text, [c.text_q, c.k, *db, *opts], out, api_visibility="private", concurrency_limit=READ_LIMIT)
+    image = ui_safe(lambda im, kk, m, p, t, wh, dd, th: app._search_image(im, kk, (m, p, t), wh, dd, th), len(out), 4)
+    c.img_btn.click(image, [c.img_q, c.k, *db, *opts], out, api_visibility="private", concurrency_limit=READ_LIMIT)
+    c.more_btn.click(ui_safe(app._more, len(out), 4), [c.page_state, c.rows_state, c.vec_state], out,
+                     api_visibility="private", concurrency_limit=READ_LIMIT)
+    c.export_btn.click(ui_safe(app._export, 2), [c.rows_state], [c.export_file, c.status], api_visibility="private",
+                       concurrency_limit=READ_LIMIT)
+    c.reload_btn.click(ui_safe(app._reload, 1), None, [c.status], api_visibility="private")
 
 
 def _wire_results(app: "SaefeApp", c: SimpleNamespace) -> None:
@@ -206,10 +230,13 @@ def _wire_results(app: "SaefeApp", c: SimpleNamespace) -> None:
 
 
 def _register_api(app: "SaefeApp") -> None:
-    """Named endpoints for gradio_client (read-only, so they may run concurrently)."""
-    for fn, name, limit in [(app.api_search, "search", 8), (app.api_search_text, "search_text", 4),
-                            (app.api_search_image, "search_image", 4),
-                            (app.api_inspect_feature, "inspect_feature", 8),
-                            (app.api_image_features, "image_features", 8), (app.api_bias, "bias", 8),
-                            (app.api_labels, "labels", 8)]:
+    """Named endpoints for gradio_client. They only read the index (a reload swaps the engine
+    reference, it never changes one in use), so they run concurrently: a search costs a few
+    milliseconds of our time, and a one-at-a-time queue made 20 clients wait seconds."""
+    for fn, name, limit in [(app.api_search, "search", READ_LIMIT), (app.api_search_page, "search_page", READ_LIMIT),
+                            (app.api_search_text, "search_text", 8), (app.api_search_text_page, "search_text_page", 8),
+                            (app.api_search_image, "search_image", 8),
+                            (app.api_inspect_feature, "inspect_feature", READ_LIMIT),
+                            (app.api_image_features, "image_features", READ_LIMIT), (app.api_bias, "bias", READ_LIMIT),
+                            (app.api_labels, "labels", READ_LIMIT), (app.api_reload, "reload", 1)]:
         gr.api(api_safe(fn), api_name=name, concurrency_limit=limit)

@@ -75,7 +75,8 @@ def result_json(engine: Engine, r: SearchResult, rank: int) -> dict[str, Any]:
 
 def caption(r: dict[str, Any]) -> str:
     size = f"{r['width']}×{r['height']}" if r.get("width") and r.get("height") else "size ?"
-    return f"{r['score']:.3f} · {size}"
+    dups = f" · +{r['group_size'] - 1} near-duplicates" if int(r.get("group_size") or 1) > 1 else ""
+    return f"{r['score']:.3f} · {size}{dups}"
 
 
 def bias_json(engine: Engine, results: Sequence[SearchResult]) -> dict[str, Any]:
