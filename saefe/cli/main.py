@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; committed work is kept and a re-run resumes", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `saefe search --json | head`: the reader left, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
