@@ -239,9 +239,11 @@ def test_ui_handlers_slider_semantics(served):
     vals = list(out[1:-1])
     vals[0] = -0.5
     f0 = st.slots[0]
-    out = app._label_op("feature", None, 1, out[0], vals, fid="f1023", fw=0.25)
-    assert out[0][f0] == -0.5 and out[0][1023] == 0.25
-    assert "f1023" in out[1 + st.n_slots : 1 + st.n_slots + st.n_custom]
+    # a feature without a slider of its own (the old demo SAE's f1023), whatever the SAE's size
+    last = max(set(range(app.engine.sae.config.d_hidden)) - set(st.slots))
+    out = app._label_op("feature", None, 1, out[0], vals, fid=f"f{last}", fw=0.25)
+    assert out[0][f0] == -0.5 and out[0][last] == 0.25
+    assert f"f{last}" in out[1 + st.n_slots : 1 + st.n_slots + st.n_custom]
     out = app._label_op("l2", None, 1, out[0], list(out[1:-1]))
     assert sum(w * w for w in out[0].values()) == pytest.approx(1.0, abs=1e-6)
     out = app._label_op("expr", None, 1, out[0], list(out[1:-1]), expr="Esteem - Male + Adult")

@@ -71,7 +71,7 @@ def test_folder_build_counts_skips_and_duplicates(built):
     m = store.manifest
     assert m["skipped"] == summary.skipped and m["duplicates"] == 1
     assert {s["item"] for s in m["skipped_items"]} == {"zero.jpg", "page.png", "trunc.jpg"}
-    assert m["encoder"]["model_id"] == "saefe/tiny-siglip" and m["dim"] == store.vectors.shape[1]
+    assert m["encoder"]["model_id"] == "saefe/demo-siglip" and m["dim"] == store.vectors.shape[1]
     assert store.vectors.dtype == np.float16
     assert np.allclose(np.linalg.norm(store.vectors_f32(), axis=1), 1, atol=2e-3)
     paths = set(store.metadata["path"])
@@ -155,16 +155,15 @@ def test_missing_model_offline_says_how_to_provide_weights(tmp_path):
     assert "offline" in msg and "local directory" in msg and "--model demo" in msg
 
 
-def test_tiny_model_loads_from_a_saved_dir_like_real_weights(tmp_path, demo_encoder):
+def test_demo_model_loads_from_its_dir_like_real_weights(tmp_path, demo_encoder):
     from saefe.ingest.encoder import SiglipEncoder
-    from saefe.demo.tiny_model import make_tiny_siglip
+    from saefe.demo.tiny_model import SHIPPED_DIR
 
-    d = make_tiny_siglip(tmp_path / "tiny")
-    assert (d / "model.safetensors").exists() and (d / "config.json").exists()
-    enc = SiglipEncoder.from_pretrained(str(d), device="cpu")
+    enc = SiglipEncoder.from_pretrained(str(SHIPPED_DIR), device="cpu")  # a path, as for real weights
     img = _img(5)
     a, b = enc.embed_images([img])[0], demo_encoder.embed_images([img])[0]
-    assert float(a @ b) > 0.9999  # same seed, same weights, same path
+    assert float(a @ b) > 0.9999  # same weights, same path
+    assert enc.info == demo_encoder.info  # the directory's marker records the demo model's id
     t = enc.embed_texts(["a photo of a happy person", "sad"])
     assert t.shape == (2, enc.info.embedding_dim) and np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
 

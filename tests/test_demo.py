@@ -31,11 +31,7 @@ def test_labels_and_prompts():
     assert len(DEMO_EMOTIONS) == 8 and {"Esteem", "Happiness"} <= set(DEMO_EMOTIONS)
     assert DEMO_LABELS == DEMO_EMOTIONS + ["Male", "Female", "Kid", "Teenager", "Adult"]
     assert set(DEMO_TEXT_PROMPTS) == set(DEMO_LABELS)
-    from saefe.demo.tiny_model import _VOCAB_TEXT
-
-    vocab = set(_VOCAB_TEXT.split())
-    for prompt in DEMO_TEXT_PROMPTS.values():
-        assert set(prompt.split()) <= vocab, prompt
+    # (that the demo model's tokenizer knows every prompt word: tests/test_demo_model.py)
 
 
 def test_layout_and_one_hot(small):
@@ -142,7 +138,7 @@ def test_idempotent_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_separable(tmp_path, demo_encoder):
-    """Embeddings of the tiny random SigLIP carry the emotion (and some gender/age)."""
+    """Embeddings of the demo model (default seed-0 corpus, unseen in its training) carry the labels."""
     from PIL import Image
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "app": ("saefe.cli.app:app", "serve the Gradio configuration tool (same as python app_gradio.py)"),
     "serve-clip": ("saefe.cli.serve:clip", "serve the encoder over the clip_server protocol"),
     "serve-backend": ("saefe.cli.serve:backend", "serve the index over the meme-search-engine API"),
+    "train-demo-model": ("saefe.cli.demo:train_model", "train the demo's tiny SigLIP on the demo world (ships in saefe/demo/model)"),
 }
 
 
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; committed work is kept and a re-run resumes", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `saefe search --json | head`: the reader left, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -299,24 +299,9 @@ class Engine:
             return debiased_search(self, terms, k, mode, debias)
         if mode == "direction":
             return self.search_vector(self.query_vector(terms), k)
-        if not terms:
-            raise SteeringError("empty query: give a label, expression or features")
-        all_ids, all_ws = [], []
-        for t in terms:
-            if t.kind not in TERM_KINDS:
-                raise SaefeError(f"unknown term type {t.kind!r}; use one of {', '.join(TERM_KINDS)}")
-            if t.kind not in MIX_KINDS:
-                raise SaefeError(f"feature mode ranks by SAE features; a {t.kind} term needs --mode direction")
-            w = _check_weight(t.weight, f"{t.kind} term")
-            ids, ws = self.mix(t).as_arrays()
-            all_ids.append(ids)
-            all_ws.append(ws.astype(np.float64) * w)
-        ids, inv = np.unique(np.concatenate(all_ids), return_inverse=True)
-        ws = np.bincount(inv, weights=np.concatenate(all_ws), minlength=len(ids))
-        keep = ws != 0
-        if not keep.any():
-            raise SteeringError("all sliders are zero")
-        return self._rank_arrays(ids[keep], ws[keep], k)
+        from saefe.search.query import feature_weights
+
+        return self._rank_arrays(*feature_weights(self, terms), k)
 
     def search_page(self, terms: Sequence[Term], k: int = 20, mode: str = "direction", offset: int = 0,
                     where=None, dedup: float | str | None = "auto"):
