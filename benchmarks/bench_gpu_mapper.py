@@ -27,6 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _obj(v) -> np.ndarray:
+    """A one-row object column holding a list (as Ray Data hands list columns over)."""
+    a = np.empty(1, dtype=object)
+    a[0] = v
+    return a
+
+
 class _ShardSet:
     """torch Dataset: item s = shard s decoded and pre-processed by one DecodePreprocess."""
 
@@ -45,8 +52,8 @@ class _ShardSet:
         if self.stage is None:  # once per worker process, like a Ray actor's constructor
             self.stage = DecodePreprocess(self.spec, self.model, self.dtype)
         r = self.rows[s]
-        out = self.stage({"shard": np.array([r["shard"]]), "lo": np.array([r["lo"]]), "hi": np.array([r["hi"]]),
-                          "refs": np.array([r["refs"]], dtype=object)})
+        out = self.stage({"shard": np.array([r["shard"]]), "items": _obj(r["items"]), "idx": _obj(r["idx"]),
+                          "refs": _obj(r["refs"])})
         out["pixels"] = torch.from_numpy(out["pixels"])  # travels through shared memory
         return out
 

@@ -98,9 +98,10 @@ def test_lost_cluster_keeps_finished_shards(tmp_path):
     staged prefix committed in order; a half-received shard is not; the error says how to resume."""
     writer = ChunkWriter(tmp_path, {"k": 1})
     stage = ShardStage(tmp_path, {"k": 1})
-    rows = [{"shard": 0, "lo": 0, "hi": 1}, {"shard": 0, "lo": 1, "hi": 2}]  # shard 0 as two tasks
-    rows += [{"shard": s, "lo": 2 * s, "hi": 2 * s + 2} for s in range(1, 4)]
-    asm = ShardAssembler(writer, stage, [0, 1, 2, 3], rows, set(), dim=4)
+    rows = [{"shard": 0, "items": [0]}, {"shard": 0, "items": [1]}]  # shard 0 as two tasks
+    rows += [{"shard": s, "items": [2 * s, 2 * s + 1]} for s in range(1, 4)]
+    spans = {s: (2 * s, 2 * s + 2) for s in range(4)}
+    asm = ShardAssembler(writer, stage, spans, rows, set(), dim=4)
 
     def batch(items):
         return {"shard": np.array([i // 2 for i in items]), "item": np.array(items),
@@ -116,7 +117,7 @@ def test_lost_cluster_keeps_finished_shards(tmp_path):
     assert "stopped at shard 2 (ConnectionError: Ray client lost the connection)" in str(err)
     assert "2 of 4 shards" in str(err) and "\n" not in str(err)
     # the next run: shard 2 again, then 3; item 5 (hash "0") duplicates item 0
-    asm = ShardAssembler(writer, stage, [2, 3], rows[3:], {"0", "1", "2", "3"}, dim=4)
+    asm = ShardAssembler(writer, stage, {2: spans[2], 3: spans[3]}, rows[3:], {"0", "1", "2", "3"}, dim=4)
     asm.add(batch([7, 4, 5, 6]))
     assert sorted(writer.committed()) == [0, 1, 2, 3]
     assert writer.committed()[2].count == 1
@@ -163,17 +164,36 @@ def test_ondisk_index_shards_filled_by_ray_tasks(cluster, corpus, plain, tmp_pat
     assert vi.search(vectors[:4], 1)[1][:, 0].tolist() == [0, 1, 2, 3]
 
 
-def test_ray_on_a_built_index_updates_it_with_the_same_plan(cluster, corpus, tmp_path):
-    """An existing index is updated by the update plan (only new/changed files embedded; the
-    plan runs in the driver's process)."""
+def test_ray_update_follows_the_same_plan_as_a_plain_update(cluster, corpus, tmp_path):
+    """Re-running on a built index is an update: the plan (in the driver) answers unchanged files
+    by size + mtime, the workers read only new and changed ones, and the result is the plain
+    update's: same rows, vectors, skips and counts."""
+    import os
     import shutil
 
     from test_build import _img
 
-    root = tmp_path / "corpus"
-    shutil.copytree(corpus, root)
-    out = tmp_path / "ray"
-    build_with_ray(_cfg(root, out), RayConfig("local"))
-    _img(123).save(root / "new_one.png")
-    s = build_with_ray(_cfg(root, out), RayConfig("local"))
-    assert s.update is not None and s.update["added"] == 1 and s.embedded_now == 1 and s.count == 22
+    results = {}
+    for mode in ("plain", "ray"):
+        root = tmp_path / mode / "corpus"
+        shutil.copytree(corpus, root)
+        out = tmp_path / mode / "index"
+        build_index(_cfg(root, out))
+        _img(123).save(root / "new_one.png")  # added
+        _img(124).save(root / "img_007.png")  # changed content
+        os.utime(root / "img_011.png", ns=(1, 1))  # touched only: hash says unchanged
+        (root / "img_013.png").unlink()  # removed
+        cfg = _cfg(root, out)
+        if mode == "ray":  # the workers do read the new and changed files (and a failed run resumes)
+            with pytest.raises(SaefeError, match="failed on the workers"):
+                build_with_ray(cfg, RayConfig("local", fault={"shard": list(range(10)), "mode": "raise"}))
+        results[mode] = build_with_ray(cfg, RayConfig("local")) if mode == "ray" else build_index(cfg)
+    a, b = results["plain"], results["ray"]
+    assert a.update == b.update and a.update["added"] == 1 and a.update["removed"] == 1
+    assert a.embedded_now == b.embedded_now == 2 and a.count == b.count
+    from saefe.ingest.store import EmbeddingStore
+
+    sa, sb = EmbeddingStore.open(tmp_path / "plain" / "index"), EmbeddingStore.open(tmp_path / "ray" / "index")
+    pd.testing.assert_frame_equal(sa.metadata.drop(columns=["mtime_ns"]), sb.metadata.drop(columns=["mtime_ns"]))
+    assert (sa.vectors_f32() * sb.vectors_f32()).sum(1).min() > 0.999
+    assert sa.manifest["skipped"] == sb.manifest["skipped"]

@@ -122,14 +122,14 @@ def _item_key(meta: dict[str, Any], i: int) -> str:
 
 
 class ChunkEmbedder(Protocol):
-    """Turns a first build's not-yet-committed chunks into committed ones (``writer.commit``)
-    instead of this process' loop: saefe.ingest.distributed's Ray pipeline. It commits through
-    ``triage`` so both store the same rows and skips."""
+    """Turns a build's (or an update's, with its ``plan``) not-yet-committed chunks into
+    committed ones (``writer.commit``) instead of this process' loop: saefe.ingest.distributed's
+    Ray pipeline. It commits through ``triage`` so both store the same rows and skips."""
 
     def prepare(self, cfg: BuildConfig) -> EncoderInfo: ...
 
     def embed(self, cfg: BuildConfig, corpus: ImageCorpus, writer: ChunkWriter, todo: list[int],
-              committed: dict, seen: set[str]) -> int: ...
+              committed: dict, seen: set[str], plan=None) -> int: ...
 
 
 def build_index(cfg: BuildConfig, embedder: ChunkEmbedder | None = None) -> BuildSummary:
@@ -147,9 +147,7 @@ def build_index(cfg: BuildConfig, embedder: ChunkEmbedder | None = None) -> Buil
     if done and done.get("complete"):
         from saefe.ingest.update import update_index
 
-        if embedder is not None:  # the update plan (reuse/skip per file) lives in this process
-            log.info("updating %s in this process: only new and changed files are embedded", out)
-        return update_index(cfg, corpus, done)
+        return update_index(cfg, corpus, done, chunk_embedder=embedder)
     t0 = time.time()
     if cfg.force:  # an unfinished first build is started over
         import shutil
@@ -194,12 +192,12 @@ def build_generation(cfg: BuildConfig, out: Path, corpus: ImageCorpus, key: dict
             seen.update(writer.metadata(cid)["sha256"].tolist())
     embedder = _Embedder(cfg, out, known_info)
     t_embed = time.time()
-    if todo and chunk_embedder is not None and plan is None:
+    if todo and chunk_embedder is not None and (plan is None or plan.may_embed()):
         info = chunk_embedder.prepare(cfg)
         if known_info is not None:
             known_info.check_compatible(info, f"the index at {out.parent}", "this run's encoder")
         _check_encoder_stable(out, info)
-        embedded = chunk_embedder.embed(cfg, corpus, writer, todo, committed, seen)
+        embedded = chunk_embedder.embed(cfg, corpus, writer, todo, committed, seen, plan)
     else:
         if todo and (plan is None or plan.may_embed()):  # else loaded only if an item needs it after all
             embedder.load()

@@ -215,7 +215,7 @@ def _check_same_source(out: Path, done: dict, kind: str, source: str, model: str
             "pass the same --model to update it, or --force to rebuild it with the new one (the index is unchanged)")
 
 
-def update_index(cfg: BuildConfig, corpus: ImageCorpus, done: dict[str, Any]) -> BuildSummary:
+def update_index(cfg: BuildConfig, corpus: ImageCorpus, done: dict[str, Any], chunk_embedder=None) -> BuildSummary:
     """Bring the finished index at ``cfg.out`` up to date with ``corpus`` (or rebuild it with
     ``cfg.force``) as a new generation; see the module docstring."""
     t0 = time.time()
@@ -225,10 +225,11 @@ def update_index(cfg: BuildConfig, corpus: ImageCorpus, done: dict[str, Any]) ->
         raise CorpusError(f"cannot read {corpus.errors[0]} (and {len(corpus.errors) - 1} more) under {corpus.source}; "
                           f"the index at {out} was left as it was: fix the access rights and run the build again")
     with update_lock(out):
-        return _update_locked(cfg, corpus, done, out, t0)
+        return _update_locked(cfg, corpus, done, out, t0, chunk_embedder)
 
 
-def _update_locked(cfg: BuildConfig, corpus: ImageCorpus, done: dict[str, Any], out: Path, t0: float) -> BuildSummary:
+def _update_locked(cfg: BuildConfig, corpus: ImageCorpus, done: dict[str, Any], out: Path, t0: float,
+                   chunk_embedder=None) -> BuildSummary:
     old = EmbeddingStore.open(out)
     plan, view = (None, corpus) if cfg.force else make_plan(old, corpus)
     if plan is not None and plan.nothing_to_do():
@@ -239,7 +240,8 @@ def _update_locked(cfg: BuildConfig, corpus: ImageCorpus, done: dict[str, Any], 
     gm = read_manifest(gen_dir)
     embedded = 0
     if not (gm and gm.get("complete")):
-        gen = build_generation(cfg, gen_dir, view, key, plan, known_info=None if cfg.force else old.encoder_info)
+        gen = build_generation(cfg, gen_dir, view, key, plan, known_info=None if cfg.force else old.encoder_info,
+                               chunk_embedder=chunk_embedder)
         embedded = gen.embedded
         md = pd.read_parquet(gen_dir / METADATA)
         if plan is not None:

@@ -12,9 +12,8 @@ stages, shaped like clip-retrieval's ``clip_inference``:
 Shards are the build's committed chunks, so a Ray build resumes a plain one and vice versa, and
 the finished store, manifest, skip counts and index come from the same code in build.py.
 
-A first build embeds on Ray. Re-running on a finished index is an update (saefe.ingest.update):
-its plan (reuse / skip / embed per file) runs in the driver's process as without ``--ray``, and
-so does the embedding of the new and changed files; moving that to Ray means sending only the
-plan's unanswered items to the workers and resolving ``after_hash`` / ``on_read_error`` in the
-driver (not done yet).
+Re-running on a finished index is an update (saefe.ingest.update) with ``--ray`` too: its plan
+runs in the driver, answers unchanged files from their size and mtime, and only the new and
+changed files go to the workers; the plan's content-hash and read-error answers are applied by
+the writer when it commits, so the generation is the one the single-process update writes.
 """

@@ -72,8 +72,8 @@ class DecodePreprocess:
         cols: dict[str, list] = {"shard": [], "item": [], "meta": [], "reason": [], "ok": [], "error": []}
         pixels = []
         for r in range(len(batch["shard"])):
-            row = {k: batch[k][r] for k in ("shard", "lo", "hi", "refs")}
-            shard, lo = int(row["shard"]), int(row["lo"])
+            row = {k: batch[k][r] for k in ("shard", "items", "idx", "refs")}
+            shard, listed = int(row["shard"]), [int(i) for i in row["items"]]
             try:  # a shard that fails here is reported by the driver; the other shards go on
                 self._maybe_fail(shard)
                 view = open_shard(self.spec, row)
@@ -89,7 +89,7 @@ class DecodePreprocess:
             g = 0
             for j, img, meta, reason in items:
                 cols["shard"].append(shard)
-                cols["item"].append(lo + j if j >= 0 else -1)
+                cols["item"].append(listed[j] if j >= 0 else -1)
                 cols["meta"].append(json.dumps(meta))
                 cols["reason"].append(reason or "")
                 cols["ok"].append(reason is None)

@@ -27,53 +27,61 @@ class CorpusSpec:
 
     @classmethod
     def of(cls, corpus: ImageCorpus, split: str = "train", builder: str | None = None) -> "CorpusSpec":
-        col = getattr(corpus, "image_column", None)
-        return cls(corpus.kind, corpus.source, split, col, builder)
+        base = getattr(corpus, "base", corpus)  # an update's ordered view: its underlying corpus
+        return cls(corpus.kind, corpus.source, split, getattr(base, "image_column", None), builder)
 
 
-def shard_rows(corpus: ImageCorpus, chunk_size: int, todo: list[int], task_size: int | None = None) -> list[dict[str, Any]]:
+def _base_index(corpus: ImageCorpus, i: int) -> int:
+    order = getattr(corpus, "order", None)  # an update's view reads base item order[i]
+    return int(order[i]) if order is not None else int(i)
+
+
+def shard_rows(corpus: ImageCorpus, chunk_size: int, todo: list[int], task_size: int | None = None,
+               items_of: dict[int, list[int]] | None = None) -> list[dict[str, Any]]:
     """Rows for the shards (chunks) still to do, each cut into tasks of at most ``task_size``
     items so that a few large chunks still spread over every worker: ``shard`` (the chunk id),
-    ``lo``, ``hi`` (this task's item range) and, for folders, the item paths."""
+    ``items`` (the corpus positions to read: the whole chunk, or ``items_of[shard]`` when an
+    update's plan already answers the others), ``idx`` (their positions in the underlying
+    dataset) and, for folders, ``refs`` (their paths: a worker must not rescan the folder)."""
     n = len(corpus)
     step = max(1, task_size or chunk_size)
     rows = []
     for cid in todo:
-        lo, hi = cid * chunk_size, min(n, (cid + 1) * chunk_size)
-        for a in range(lo, hi, step):
-            b = min(hi, a + step)
-            refs = list(corpus.paths[a:b]) if isinstance(corpus, FolderCorpus) else []
-            rows.append({"shard": int(cid), "lo": int(a), "hi": int(b), "refs": refs})
+        items = items_of[cid] if items_of is not None else list(range(cid * chunk_size, min(n, (cid + 1) * chunk_size)))
+        for a in range(0, len(items), step):
+            part = [int(i) for i in items[a : a + step]]
+            refs = [corpus.key(i) for i in part] if corpus.kind == "folder" else []
+            rows.append({"shard": int(cid), "items": part, "idx": [_base_index(corpus, i) for i in part], "refs": refs})
     return rows
 
 
 class ShardView:
-    """Items ``lo .. hi-1`` of a corpus as a corpus of their own (local index j = global lo + j),
-    so the build's loader runs on it unchanged and yields the single-process metadata."""
+    """A task's items as a corpus of their own (local index j -> the j-th listed item), so the
+    build's loader runs on it unchanged and yields the single-process metadata."""
 
-    def __init__(self, base: ImageCorpus, lo: int, hi: int, global_keys: bool):
-        self.base, self.lo, self.hi, self.global_keys = base, lo, hi, global_keys
+    def __init__(self, base: ImageCorpus, idx: list[int]):
+        self.base, self.idx = base, idx
 
     def __len__(self) -> int:
-        return self.hi - self.lo
+        return len(self.idx)
 
     def key(self, j: int) -> str:
-        return self.base.key(self.lo + j if self.global_keys else j)
+        return self.base.key(self.idx[j])
 
     def read(self, j: int):
-        return self.base.read(self.lo + j if self.global_keys else j)
+        return self.base.read(self.idx[j])
 
 
 _opened: dict[CorpusSpec, ImageCorpus] = {}
 
 
 def open_shard(spec: CorpusSpec, row: dict[str, Any]) -> ShardView:
-    lo, hi = int(row["lo"]), int(row["hi"])
     if spec.kind == "folder":
-        return ShardView(FolderCorpus(Path(spec.source), [str(p) for p in row["refs"]]), lo, hi, global_keys=False)
+        refs = [str(p) for p in row["refs"]]
+        return ShardView(FolderCorpus(Path(spec.source), refs), list(range(len(refs))))
     if spec not in _opened:  # one open per worker process (memory-mapped Arrow)
         _opened[spec] = HFDatasetCorpus.load(spec.source, spec.split, spec.image_column, spec.builder)
-    return ShardView(_opened[spec], lo, hi, global_keys=True)
+    return ShardView(_opened[spec], [int(i) for i in row["idx"]])
 
 
 def shard_dataset(rows: list[dict[str, Any]]):

@@ -77,21 +77,27 @@ class RayEmbedder:
                          **p["embed"])
         )
 
-    def embed(self, cfg, corpus, writer, todo, committed, seen) -> int:
+    def embed(self, cfg, corpus, writer, todo, committed, seen, plan=None) -> int:
         import ray.data
         from tqdm import tqdm
 
         stage = ShardStage(writer.dir, read_json(writer.chunks / "build.json"))
         staged = stage.done()
-        rows = shard_rows(corpus, cfg.chunk_size, [c for c in todo if c not in staged], self.rc.task_size)
         n = len(corpus)
+        spans = {c: (c * cfg.chunk_size, min(n, (c + 1) * cfg.chunk_size)) for c in todo}
+        run = [c for c in todo if c not in staged]
+        # an update: the workers read only what the plan cannot answer from size + mtime
+        items_of = {c: [i for i in range(*spans[c]) if plan.before_read(i) is None] for c in run} if plan is not None else None
+        rows = shard_rows(corpus, cfg.chunk_size, run, self.rc.task_size, items_of)
         done_items = sum(min(cfg.chunk_size, n - c * cfg.chunk_size) for c in committed)
         spec = CorpusSpec.of(corpus, cfg.split, cfg.dataset_builder)
         bar = tqdm(total=n, initial=done_items, unit="img", desc="embedding (ray)", disable=not cfg.progress, smoothing=0.1)
-        asm = ShardAssembler(writer, stage, todo, rows, seen, self.info.embedding_dim, progress=bar)
-        asm.promote()  # shards staged by an earlier run
+        asm = ShardAssembler(writer, stage, spans, rows, seen, self.info.embedding_dim, progress=bar, plan=plan)
+        asm.promote()  # shards staged by an earlier run, or that need no reading
         if not rows:
             bar.close()
+            if asm.remaining:
+                raise SaefeError(f"shard {asm.remaining[0]} is neither staged nor to do; run the same command again")
             stage.clear()
             return asm.embedded
         with session(self.rc) as cluster:

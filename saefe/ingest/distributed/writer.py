@@ -79,28 +79,36 @@ class ShardStage:
 
 @dataclass
 class _Pending:
-    lo: int
-    hi: int
+    expect: set[int]
     rows: dict[int, tuple[dict[str, Any], str | None, np.ndarray | None]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
-        return len(self.rows) == self.hi - self.lo
+        return len(self.rows) == len(self.expect)
 
 
 class ShardAssembler:
-    """Collects rows into shards (``add``), stages complete ones, commits the staged prefix."""
+    """Collects rows into shards (``add``), stages complete ones, commits the staged prefix.
 
-    def __init__(self, writer: ChunkWriter, stage: ShardStage, todo: list[int], rows: list[dict[str, Any]],
-                 seen: set[str], dim: int, progress=None):
-        self.writer, self.stage, self.seen, self.dim, self.progress = writer, stage, seen, dim, progress
-        self.order = sorted(todo)  # every shard not yet committed: in Ray now, or staged earlier
+    ``spans``: every shard of this build not yet committed -> its item range. With an update's
+    ``plan`` the workers only read the items the plan could not answer from the file's size and
+    mtime; the rest, and the plan's content-hash and read-error answers, are resolved here at
+    commit time, exactly as the loader resolves them in the single-process build."""
+
+    def __init__(self, writer: ChunkWriter, stage: ShardStage, spans: dict[int, tuple[int, int]],
+                 rows: list[dict[str, Any]], seen: set[str], dim: int, progress=None, plan=None):
+        self.writer, self.stage, self.seen, self.dim, self.progress, self.plan = writer, stage, seen, dim, progress, plan
+        self.spans = spans
+        self.order = sorted(spans)  # every shard not yet committed: in Ray now, or staged earlier
         self.pending: dict[int, _Pending] = {}
-        for r in rows:  # a shard's tasks together cover its item range
-            cid, lo, hi = int(r["shard"]), int(r["lo"]), int(r["hi"])
-            p = self.pending.setdefault(cid, _Pending(lo, hi))
-            p.lo, p.hi = min(p.lo, lo), max(p.hi, hi)
+        for r in rows:  # a shard's tasks together list the items the workers read
+            self.pending.setdefault(int(r["shard"]), _Pending(set())).expect.update(int(i) for i in r["items"])
         self.ran = set(self.pending)
+        staged = stage.done()
+        for cid in self.order:  # nothing to read (the plan answers every item): staged empty
+            if cid not in self.pending and cid not in staged:
+                stage.write(cid, [], dim)
+                self.ran.add(cid)
         self.failed: dict[int, str] = {}
         self.next = 0
         self.committed: list[int] = []
@@ -127,9 +135,36 @@ class ShardAssembler:
         for cid in touched:
             p = self.pending.get(cid)
             if p is not None and p.complete:
-                self.stage.write(cid, [(i, *p.rows[i]) for i in range(p.lo, p.hi)], self.dim)
+                self.stage.write(cid, [(i, *p.rows[i]) for i in sorted(p.rows)], self.dim)
                 del self.pending[cid]
         self.promote()
+
+    def _resolve(self, cid: int, read: list[Item]) -> list[tuple]:
+        """The chunk's items in corpus order as the loader would give them: (index, vector or
+        None, meta, reason), with the plan's answers (meta[REUSE] = old row) where it has one."""
+        got = {i: (m, r, v) for i, m, r, v in read}
+        lo, hi = self.spans[cid]
+        out = []
+        for i in range(lo, hi):
+            if i not in got:  # answered by size + mtime, never read
+                known = self.plan.before_read(i) if self.plan is not None else None
+                if known is None:
+                    raise IncompatibleError(f"shard {cid} misses item {i}; delete {self.stage.dir} and run again")
+                out.append(known)
+                continue
+            meta, reason, vec = got[i]
+            if self.plan is not None and "sha256" in meta:
+                known = self.plan.after_hash(i, meta)
+                if known is not None:
+                    out.append(known)
+                    continue
+            elif self.plan is not None and reason is not None and "sha256" not in meta:  # unreadable now
+                kept = self.plan.on_read_error(i, reason)
+                if kept is not None:
+                    out.append(kept)
+                    continue
+            out.append((i, vec, meta, reason))
+        return out
 
     def promote(self) -> None:
         """Commit staged shards while the next one in corpus order is staged."""
@@ -138,14 +173,20 @@ class ShardAssembler:
         staged = self.stage.done()
         while self.next < len(self.order) and self.order[self.next] in staged:
             cid = self.order[self.next]
-            items = self.stage.read(cid)
-            accepted, skipped, _ = triage([(i, v, m, r) for i, m, r, v in items], self.seen)
-            kept = [v for _, v, _, _ in accepted]
-            vectors = np.stack(kept) if kept else np.zeros((0, self.dim), np.float16)
-            self.writer.commit(cid, vectors, pd.DataFrame([m for _, _, m, _ in accepted]), skipped)
+            items = self._resolve(cid, self.stage.read(cid))
+            accepted, skipped, _ = triage(items, self.seen)
+            vectors = np.zeros((len(accepted), self.dim), np.float32)
+            metas = []
+            for row, (i, v, meta, reuse) in enumerate(accepted):
+                vectors[row] = self.plan.vector(reuse) if reuse >= 0 else v
+                if self.plan is not None:
+                    meta["_old_row"] = self.plan.identity_row(i, meta)
+                    meta["_embedded"] = reuse < 0
+                metas.append(meta)
+            self.writer.commit(cid, vectors, pd.DataFrame(metas), skipped)
             self.stage.remove(cid)
             self.committed.append(cid)
-            self.embedded += len(kept) if cid in self.ran else 0
+            self.embedded += sum(a[3] < 0 for a in accepted) if cid in self.ran else 0
             self.next += 1
             if self.progress is not None:
                 self.progress.update(len(items))
