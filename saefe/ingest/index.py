@@ -77,6 +77,19 @@ def _batches(vectors: np.ndarray, size: int = 65536):
         yield i, np.ascontiguousarray(vectors[i : i + size], dtype=np.float32)
 
 
+def check_queries(queries: np.ndarray, k: int, dim: int, ntotal: int) -> tuple[np.ndarray, int]:
+    """(n, dim) float32 queries and k clipped to the index size; a wrong dimension or a
+    non-finite value is a one-line error (shared by every index kind)."""
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise IncompatibleError(f"query has dimension {q.shape[-1]}, the index has {dim}")
+    if not np.isfinite(q).all():
+        raise SaefeError("query vector contains NaN or infinity")
+    return q, max(1, min(int(k), ntotal))
+
+
 class VectorIndex:
     def __init__(self, index: Any, kind: str, dim: int, params: dict[str, Any]):
         self.index = index
@@ -184,14 +197,7 @@ class VectorIndex:
         return min(value, limit)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise IncompatibleError(f"query has dimension {q.shape[-1]}, the index has {self.dim}")
-        if not np.isfinite(q).all():
-            raise SaefeError("query vector contains NaN or infinity")
-        k = max(1, min(int(k), self.ntotal))
+        q, k = check_queries(queries, k, self.dim, self.ntotal)
         scores, ids = self.index.search(np.ascontiguousarray(q), k)
         return scores, ids
 

@@ -28,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from saefe.errors import IncompatibleError, SaefeError
-from saefe.ingest.index import INDEX_FILE, PARAMS_FILE, IndexConfig, VectorIndex, _exact_search, recall_at_k
+from saefe.ingest.index import (INDEX_FILE, PARAMS_FILE, IndexConfig, VectorIndex, _exact_search, check_queries,
+                                recall_at_k)
 from saefe.manifest import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -264,14 +265,7 @@ class OnDiskIndex(VectorIndex):
         self.set_search(nprobe, int(self.params.get("rerank", 100)))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise IncompatibleError(f"query has dimension {q.shape[-1]}, the index has {self.dim}")
-        if not np.isfinite(q).all():
-            raise SaefeError("query vector contains NaN or infinity")
-        k = max(1, min(int(k), self.ntotal))
+        q, k = check_queries(queries, k, self.dim, self.ntotal)
         r = max(k, int(self.params.get("rerank", 100)))
         _, cand = self.index.search(np.ascontiguousarray(q), r)
         scores = np.full((len(q), k), -np.inf, np.float32)
