@@ -97,9 +97,12 @@ def second_corpus(engine, work: Path, seed: int, n: int, label: str, force: bool
     acc = float(((g.hard() == 0) == male).mean())
     print(f"   gender probe accuracy on this corpus: {acc:.1%}; true corpus male share {male.mean():.1%}, "
           f"estimated {g.base_rates()[0]:.1%}")
+    print(f"   {label} images: {int(lab.sum())}, of them {int((lab & ~male).sum())} female: a top-100 at the corpus "
+          f"share needs ~{round(100 * (1 - male.mean()))} female {label} images")
     out = {"corpus_male": float(male.mean()), "probe_accuracy": acc}
     rows = []
-    for name, spec in [("none", None), ("rerank", "rerank"), ("project", "project"), ("project+rerank", "project+rerank")]:
+    for name, spec in [("none", None), ("rerank", "rerank"), ("ablate", "ablate"), ("project", "project"),
+                       ("project+rerank", "project+rerank")]:
         cfg = DebiasConfig.parse(spec, ["gender"]) if spec else None
         for k in (20, 50, 100):
             res = e2.search([Term("label", label)], k=k, debias=cfg)
@@ -122,7 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--label", help="label to debias (default: the most skewed on gender)")
     ap.add_argument("--work", default="/tmp/saefe_bench_debias", help="where the second corpus is built")
     ap.add_argument("--second-seed", type=int, default=1)
-    ap.add_argument("--second-n", type=int, default=1500)
+    ap.add_argument("--second-n", type=int, default=3000, help="images in the second corpus (the demo's size: "
+                    "smaller ones hold too few images of the label's minority group for a fair top-100)")
     ap.add_argument("--no-second", action="store_true")
     ap.add_argument("--force", action="store_true", help="rebuild the second corpus' index and estimates")
     args = ap.parse_args(argv)

@@ -153,8 +153,10 @@ def test_debias_endpoint_meets_the_target_and_reports_before_after(client):
 
 def test_audit_endpoint(client):
     rep = client.predict("Esteem", "gender", 5, api_name="/audit")
-    assert rep["label"] == "Esteem" and rep["attribute"] == "gender" and 1 <= len(rep["rows"]) <= 5
-    assert all(r["flagged"] == (abs(r["excess"]) >= rep["threshold"]) for r in rep["rows"])
+    assert rep["label"] == "Esteem" and rep["attribute"] == "gender" and 1 <= len(rep["rows"]) <= 10
+    assert all(r["flagged_corpus"] == (abs(r["excess"]) >= rep["threshold"]) for r in rep["rows"])
+    assert all(r["flagged_here"] == (r["gap"] >= rep["gap_threshold"]) for r in rep["rows"])
+    assert all(r["flagged"] == (r["flagged_corpus"] or r["flagged_here"]) for r in rep["rows"])
 
 
 def test_use_case_4_text_and_image_search(client, demo_index):

@@ -131,14 +131,37 @@ def test_unreachable_target_is_best_effort_and_says_so(eng):
     assert any("best effort" in n for n in res.info.notes)
 
 
-def test_ablate_drops_exactly_the_flagged_features(eng):
+def test_ablate_takes_the_tied_features_out_of_the_mix(eng):
+    """Uncalibrated: every corpus-wide flagged feature of the mix is ablated, and the results are
+    exactly those of the mix without the reported features."""
     from saefe.analysis.audit import engine_associations
+    from saefe.search.debias import ablate_mix
 
     flagged = engine_associations(eng)["gender"].flagged(0.2)
-    res = eng.search([Term("expr", "Esteem + Male")], k=5, mode="features",
-                     debias=DebiasConfig.parse("ablate", "gender", threshold=0.2))
-    mix = eng.mix(Term("expr", "Esteem + Male"))
-    assert res.info.ablated == sorted(f for f in mix if flagged[f] and mix[f] != 0)
+    terms = [Term("expr", "Esteem + Male")]
+    res = eng.search(terms, k=5, mode="features", debias=DebiasConfig.parse("ablate", "gender", threshold=0.2,
+                                                                              calibrate=False))
+    mix = eng.mix(terms[0])
+    assert res.info.ablation["strength"] == 1.0 and not res.info.ablation["calibrated"]
+    assert {f for f in mix if flagged[f] and mix[f] != 0} <= set(res.info.ablated) <= set(mix)
+    gone = np.zeros(eng.sae.config.d_hidden, bool)
+    gone[res.info.ablated] = True
+    assert [r.id for r in res] == [r.id for r in eng.search_features(ablate_mix(mix, gone), k=5)]
+
+
+def test_ablate_calibration_reports_whether_the_target_is_met(eng):
+    from saefe.search import debias as dmod
+
+    res = eng.search([Term("label", "Esteem")], k=20, debias=DebiasConfig.parse("ablate", "gender"))
+    ag = eng.demographics.require(["gender"])
+    dev = dmod.deviation(ag, dmod.resolve_targets("corpus", ag), local_ids(eng, res))
+    assert 0.0 <= res.info.ablation["strength"] <= 1.0 and res.info.ablation["calibrated"]
+    assert res.info.met == (dev <= dmod.DEFAULT_TOLERANCE)
+    # a query that already meets the target does not move
+    loose = DebiasConfig.parse("ablate", "gender", tolerance=1.0)
+    res = eng.search([Term("label", "Esteem")], k=20, debias=loose)
+    assert res.info.ablation["strength"] == 0.0 and res.info.ablated == []
+    assert [r.id for r in res] == [r.id for r in eng.search([Term("label", "Esteem")], k=20)]
 
 
 def test_project_returns_a_query_orthogonal_to_the_directions(eng, monkeypatch):
@@ -153,9 +176,11 @@ def test_project_returns_a_query_orthogonal_to_the_directions(eng, monkeypatch):
 
     monkeypatch.setattr(eng, "search_vector", spy)
     cfg = DebiasConfig.parse("project", "gender", calibrate=False)
-    res = eng.search([Term("label", "Esteem")], k=10, debias=cfg)
-    u = dmod.attribute_directions(eng, eng.demographics.require(["gender"]))
+    attrs, _, info = dmod.start(eng, cfg)
+    u = dmod.query_directions(eng, eng.query_vector([Term("label", "Esteem")]), 10, cfg, attrs, info)
+    res = eng.search([Term("label", "Esteem")], k=10, debias=cfg)  # its last search is the projected query
     assert res.info.projection["lambda"] == 1.0 and np.abs(u @ seen["v"]).max() < 1e-5
+    assert res.info.projection["neighbourhood"] == info.projection["neighbourhood"] > 0
     # calibrated: 'met' is exactly whether the final top-k is within the tolerance
     res = eng.search([Term("label", "Esteem")], k=20, debias=DebiasConfig.parse("project", "gender"))
     ag = eng.demographics.require(["gender"])
@@ -242,10 +267,12 @@ def test_audit_cli(synth_bias, capsys):
     rc, out, _ = _cli(capsys, "audit", "Esteem", "--index", str(synth_bias[0]), "--protect", "gender",
                       "--top", "4", "--json")
     rep = json.loads(out)[0]
-    assert rc == 0 and rep["label"] == "Esteem" and rep["attribute"] == "gender" and 1 <= len(rep["rows"]) <= 4
-    weights = [r["weight"] for r in rep["rows"]]
-    assert weights == sorted(weights, reverse=True)
-    assert all(r["flagged"] == (abs(r["excess"]) >= rep["threshold"]) for r in rep["rows"])
+    assert rc == 0 and rep["label"] == "Esteem" and rep["attribute"] == "gender" and 1 <= len(rep["rows"]) <= 8
+    top = [r["weight"] for r in rep["rows"][:4]]
+    assert top == sorted(top, reverse=True)  # then any other feature carrying the bias here
+    assert all(r["flagged_here"] for r in rep["rows"][4:])
+    assert all(r["flagged_corpus"] == (abs(r["excess"]) >= rep["threshold"]) for r in rep["rows"])
+    assert all(r["flagged"] == (r["flagged_corpus"] or r["flagged_here"]) for r in rep["rows"])
     assert all(len(r["examples"]) == 5 for r in rep["rows"])
     rc, _, err = _cli(capsys, "audit", "Esteem", "--index", str(synth_bias[0]), "--protect", "race")
     assert rc == 2 and "cannot audit 'race'" in err

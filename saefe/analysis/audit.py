@@ -1,5 +1,6 @@
 """Bias audit: how strongly each SAE feature is tied to a protected attribute, and which of a
-label's top features carry the bias. ``--debias ablate`` uses the same measure.
+label's top features carry the bias. ``--debias ablate`` uses the same measures: this corpus-wide
+one, and the gap among the query's own nearest images (:mod:`saefe.search.debias_local`).
 
 Measure (from labelled images; true labels only, never estimates): for feature j and group g,
 
@@ -203,12 +204,15 @@ def engine_associations(engine) -> dict[str, FeatureAssociation]:
 class AuditRow:
     feature: int
     weight: float  # the label's mean activation (its slider value)
-    support: int
+    support: int | None  # labelled images where it fires (None: no labelled images)
     shares: dict[str, float]
     expected: dict[str, float]
-    excess: float  # signed excess of the leaning group
-    lean: str
-    flagged: bool
+    excess: float | None  # signed excess of the leaning group, corpus-wide (None: not measured)
+    lean: str | None
+    gap: float | None  # Cohen's d towards the over-represented group among the label's nearest images
+    flagged_corpus: bool  # |excess| >= threshold
+    flagged_here: bool  # gap >= gap threshold
+    flagged: bool  # either: what ablate takes weight from
     examples: list[str] = field(default_factory=list)
 
 
@@ -221,6 +225,9 @@ class AuditReport:
     rows: list[AuditRow]
     label_shares: dict[str, float]  # the label's images
     corpus_shares: dict[str, float]
+    gap_threshold: float = 0.5
+    gap_group: str | None = None  # the group most over its corpus share in the label's top 100
+    neighbourhood: int = 0  # the label's nearest images the gaps were measured on
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -228,60 +235,98 @@ class AuditReport:
         return asdict(self)
 
 
+def _local_gaps(engine, label: str, ag, feats: list[int], per_group: int) -> tuple[np.ndarray, str, int]:
+    """(F,) each feature's Cohen's d among the label query's nearest images, towards the group most
+    over its corpus share in the label's top 100 (what ``ablate`` measures on a search)."""
+    from saefe.search import debias_local as loc
+    from saefe.search.engine import Term
+
+    q = engine.direction(engine.mix(Term("label", label)))
+    ranked = np.array([r.id for r in engine.search_vector(q, min(10_000, max(1, int(engine.n_total))))], np.int64)
+    over = loc.over_groups([ag], {ag.name: np.nan_to_num(ag.base_rates())}, ranked[:100])
+    nb = loc.neighbourhood(ranked, [ag], per_group)
+    gaps = loc.feature_gaps(loc.activations(engine.ranker.postings, nb.ids, feats), nb, [ag], over)
+    return gaps.get(ag.name, np.zeros(len(feats))), ag.groups[over[ag.name]], len(nb.ids)
+
+
 def audit_label(engine, label: str, attribute: str, top: int = 10, threshold: float = DEFAULT_THRESHOLD,
-                examples: int = 5) -> AuditReport:
-    """The label's ``top`` features (largest mean activation) with their tie to ``attribute``."""
+                examples: int = 5, gap_threshold: float | None = None) -> AuditReport:
+    """The label's ``top`` features (largest mean activation), and any other feature of its mix
+    that carries its bias, with their tie to ``attribute``: corpus-wide (excess share, from
+    labelled images) and among the label's own nearest images (Cohen's d, labels or estimates)."""
+    from saefe.search.debias_local import DEFAULT_GAP_THRESHOLD, DEFAULT_PER_GROUP
+
+    gthr = DEFAULT_GAP_THRESHOLD if gap_threshold is None else float(gap_threshold)
     profiles = engine.require_profiles()
     label = profiles.labels[profiles.label_index(label)]
-    assoc = engine_associations(engine)
+    try:
+        assoc = engine_associations(engine)
+    except SaefeError:
+        assoc = {}
     key = attribute.strip().lower()
     fa = next((v for a, v in assoc.items() if a.lower() == key or key in (g.lower() for g in v.groups)), None)
-    if fa is None:
-        raise SaefeError(f"cannot audit {attribute!r}: no labelled images for it (available: {', '.join(assoc) or 'none'})")
+    dem = engine.demographics
+    ag = next((v for a, v in dem.attributes.items() if a.lower() == key or key in (g.lower() for g in v.groups)), None)
+    if fa is None and ag is None:
+        raise SaefeError(f"cannot audit {attribute!r}: no labels, estimates or labelled feature measures for it "
+                         f"(available: {dem.describe_available()})")
+    groups = fa.groups if fa is not None else ag.groups
     mean = profiles.mean_of(label).astype(np.float64)
-    feats = [int(j) for j in np.argsort(-mean, kind="stable")[:top] if mean[j] > 0]
-    exc, flag = fa.excess, fa.flagged(threshold)
+    mixed = [int(j) for j in np.argsort(-mean, kind="stable") if mean[j] > 0]
+    gaps, over, n_nb = (_local_gaps(engine, label, ag, mixed, DEFAULT_PER_GROUP) if ag is not None and mixed
+                        else (None, None, 0))
+    here = {j: float(g) for j, g in zip(mixed, gaps)} if gaps is not None else {}
+    feats = mixed[:top] + [j for j in mixed[top:] if here.get(j, 0.0) >= gthr][:top]
     rows = []
     for j in feats:
-        g = int(np.argmax(exc[j]))  # the group it leans towards (its excess is >= 0)
         strip: list[str] = []
         if examples > 0 and engine.index is not None:
             rep = engine.inspect_feature(j, k=examples)
             strip = [str(r.metadata.get("image_path") or r.metadata.get("path") or r.id) for r in rep.top]
-        rows.append(AuditRow(j, float(mean[j]), int(fa.support[j]),
-                             {gr: float(fa.share[j, i]) for i, gr in enumerate(fa.groups)},
-                             {gr: float(fa.expected[j, i]) for i, gr in enumerate(fa.groups)},
-                             float(exc[j, g]), fa.groups[g], bool(flag[j]), strip))
+        exc = g = None
+        if fa is not None:
+            g = int(np.argmax(fa.excess[j]))  # the group it leans towards (its excess is >= 0)
+            exc = float(fa.excess[j, g])
+        f_corpus = exc is not None and abs(exc) >= threshold
+        f_here = here.get(j, 0.0) >= gthr
+        rows.append(AuditRow(j, float(mean[j]), int(fa.support[j]) if fa is not None else None,
+                             {gr: float(fa.share[j, i]) for i, gr in enumerate(fa.groups)} if fa is not None else {},
+                             {gr: float(fa.expected[j, i]) for i, gr in enumerate(fa.groups)} if fa is not None else {},
+                             exc, fa.groups[g] if g is not None else None, here.get(j), f_corpus, f_here,
+                             f_corpus or f_here, strip))
     label_sh, corpus_sh = {}, {}
-    dem = engine.demographics
-    if fa.attribute in dem and engine.attributes is not None and label in engine.attributes.columns:
-        ag = dem.attributes[fa.attribute]
+    if ag is not None and engine.attributes is not None and label in engine.attributes.columns:
         rows_l = engine.attributes[label].to_numpy().astype(bool)
         sub = ag.member[rows_l].sum(axis=0)
         label_sh = {g: float(v / max(sub.sum(), 1e-9)) for g, v in zip(ag.groups, sub)}
+    if ag is not None:
         corpus_sh = {g: float(v) for g, v in zip(ag.groups, ag.base_rates())}
-    return AuditReport(label, fa.attribute, fa.groups, float(threshold), rows, label_sh, corpus_sh)
+    return AuditReport(label, fa.attribute if fa is not None else ag.name, groups, float(threshold), rows, label_sh,
+                       corpus_sh, gthr, over, n_nb)
 
 
 def format_audit(rep: AuditReport) -> str:
     head = f"{'feature':>8} {'weight':>7} {'fires':>6} " + " ".join(f"{g[:10]:>10}" for g in rep.groups) + \
-        f"  {'excess':<14} {'bias':<4} examples"
-    lines = [f"audit of {rep.label!r} for {rep.attribute}: its top {len(rep.rows)} features; share of each group "
-             "among the labelled images where the feature fires (what the images' labels explain in brackets)"]
-    if rep.label_shares:
-        lines.append(f"{rep.label} images: " + ", ".join(f"{g} {s:.0%}" for g, s in rep.label_shares.items())
+        f"  {'excess':<14} {'gap here':>8} {'bias':<6} examples"
+    lines = [f"audit of {rep.label!r} for {rep.attribute}: its top features; share of each group among the labelled "
+             "images where the feature fires (what the images' labels explain in brackets), and the feature's gap "
+             f"towards {rep.gap_group or '-'} among the label's {rep.neighbourhood} nearest images"]
+    if rep.label_shares or rep.corpus_shares:
+        lines.append(f"{rep.label} images: " + (", ".join(f"{g} {s:.0%}" for g, s in rep.label_shares.items()) or "-")
                      + "; corpus: " + ", ".join(f"{g} {s:.0%}" for g, s in rep.corpus_shares.items()))
     lines += [head, "-" * len(head)]
     for r in rep.rows:
-        shares = " ".join(f"{r.shares[g]:.0%} ({r.expected[g]:.0%})".rjust(10) for g in rep.groups)
-        ex = f"{r.excess:+.2f} {r.lean}"
+        shares = " ".join((f"{r.shares[g]:.0%} ({r.expected[g]:.0%})" if r.shares else "-").rjust(10) for g in rep.groups)
+        ex = f"{r.excess:+.2f} {r.lean}" if r.excess is not None else "-"
+        gap = f"{r.gap:+.2f}" if r.gap is not None else "-"
+        bias = "+".join(w for w, on in (("corp", r.flagged_corpus), ("here", r.flagged_here)) if on)
         strip = " ".join(os.path.basename(p) for p in r.examples[:4])
-        lines.append(f"{'f' + str(r.feature):>8} {r.weight:>7.3f} {r.support:>6d} {shares}  {ex:<14} "
-                     f"{'YES' if r.flagged else '':<4} {strip}")
+        fires = str(r.support) if r.support is not None else "-"
+        lines.append(f"{'f' + str(r.feature):>8} {r.weight:>7.3f} {fires:>6} {shares}  {ex:<14} {gap:>8} {bias:<6} {strip}")
     n = sum(r.flagged for r in rep.rows)
-    lines.append(f"{n} of {len(rep.rows)} carry the bias (|excess| >= {rep.threshold:.2f}; excess = group share "
-                 "beyond what the images' labels explain, shrunk for rarely firing features); "
-                 "`--debias ablate` zeroes them")
+    lines.append(f"{n} of {len(rep.rows)} carry the bias: corp = |excess| >= {rep.threshold:.2f} (group share beyond "
+                 f"what the images' labels explain, shrunk for rarely firing features); here = gap >= "
+                 f"{rep.gap_threshold:.2f} (Cohen's d). `--debias ablate` takes weight from them")
     return "\n".join(lines)
 
 

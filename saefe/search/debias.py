@@ -2,17 +2,23 @@
 
 Methods, applied in this order whatever order they are written in (mix -> query -> list):
 
-* ``ablate``: in every SAE feature mix of the query (labels, expressions, feature sliders), zero
-  the features tied to a protected attribute (:mod:`saefe.analysis.audit`: a group's share among
-  the labelled images where the feature fires, beyond what their other labels explain), then
-  rescale the mix to its former L2 norm.
-* ``project``: remove the attribute's directions (stratified group-mean offsets from the probes,
-  :mod:`saefe.labels.probes`) from the query vector: q(l) = q - l * U U^T q, renormalised.
-  Calibrated: l is the smallest value in [0, 4] whose top-k meets the target shares within the
-  tolerance (found on a grid, then by bisection), so a query whose results are already fair does
-  not move at all, l = 1 is the plain projection (the query then has no component along the
-  directions) and l > 1 leans the other way, BendVLM-style equalisation. Without per-image groups
-  (or when ``rerank`` follows) l = 1.
+* ``ablate``: in every SAE feature mix of the query (labels, expressions, feature sliders), take
+  weight away from the features that carry the query's bias, then rescale the mix to its former
+  L2 norm. A feature carries it when, among the query's nearest images, it separates the group
+  over its target from the rest by half a standard deviation or more in the direction its weight
+  pulls (:mod:`saefe.search.debias_local`), or when it is tied to the attribute corpus-wide (the
+  audit's excess share, :mod:`saefe.analysis.audit`, where labelled images measured it).
+  Calibrated: the share taken away is the least in [0, 1] whose top-k meets the targets (1 =
+  the features are gone: plain ablation).
+* ``project``: remove the attribute's directions from the query vector: q(l) = q - l * U U^T q,
+  renormalised. U holds the groups' mean offsets among the query's nearest images, where the
+  query's own bias lives (corpus-wide probe directions for an attribute whose groups are missing
+  there). At l = 1 every group has the same mean score over those images (BendVLM's
+  equalisation); l > 1 leans the other way. Calibrated: l is the smallest value in [0, 4] whose
+  top-k meets the target shares within the tolerance (a grid, then bisection), so a query whose
+  results are already fair does not move at all.
+  When ``rerank`` follows, neither is calibrated (strength 1; rerank sets the shares); with both,
+  project is calibrated after a full ablation.
 * ``rerank``: fetch a deeper candidate list (``pool``, 10k by default), then fair re-ranking
   (:mod:`saefe.search.fair_rank`) to the target proportions, each group in relevance order.
 
@@ -25,148 +31,19 @@ response says which. The seed's label arithmetic is untouched: these only act wh
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from saefe.errors import SaefeError, SteeringError
+from saefe.search.debias_config import (  # noqa: F401 (re-exported: the public names of debiasing)
+    DEFAULT_POOL, DEFAULT_TOLERANCE, METHODS, DebiasConfig, DebiasedResults, DebiasInfo, parse_methods,
+    parse_protect, parse_target, resolve_targets)
+from saefe.search.debias_local import deviation  # noqa: F401
 
-METHODS = ("ablate", "project", "rerank")
-DEFAULT_POOL = 10_000
-DEFAULT_TOLERANCE = 0.05
-LAMBDA_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
-BISECT_STEPS = 6
-
-
-@dataclass(frozen=True)
-class DebiasConfig:
-    methods: tuple[str, ...]
-    protect: tuple[str, ...]
-    target: str = "corpus"
-    pool: int = DEFAULT_POOL
-    threshold: float | None = None  # ablate: |excess| that flags a feature (None: audit's default)
-    calibrate: bool = True  # project: smallest projection meeting the target
-    tolerance: float = DEFAULT_TOLERANCE
-
-    @classmethod
-    def parse(cls, method: str | Sequence[str], protect: str | Sequence[str] | None, target: str | None = "corpus",
-              **kw) -> "DebiasConfig | None":
-        """From CLI/UI strings; None when the method is empty or 'none'."""
-        methods = parse_methods(method)
-        if not methods:
-            return None
-        prot = parse_protect(protect)
-        if not prot:
-            raise SaefeError(f"--debias {'+'.join(methods)} needs --protect ATTR[,ATTR] (e.g. gender)")
-        parse_target(target or "corpus")
-        pool = int(kw.pop("pool", DEFAULT_POOL) or DEFAULT_POOL)
-        if pool < 1:
-            raise SaefeError(f"the candidate pool must be at least 1, got {pool}")
-        return cls(methods, prot, (target or "corpus").strip(), pool, **kw)
-
-
-def parse_methods(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """'ablate+rerank' (or a list) -> ('ablate', 'rerank') in application order; '', 'none' -> ()."""
-    if spec is None:
-        return ()
-    parts = spec.replace(",", "+").split("+") if isinstance(spec, str) else list(spec)
-    names = [str(p).strip().lower() for p in parts if str(p).strip()]
-    if names in ([], ["none"]):
-        return ()
-    bad = [n for n in names if n not in METHODS]
-    if bad:
-        raise SaefeError(f"unknown debias method {bad[0]!r}; use {', '.join(METHODS)} or a combination like ablate+rerank")
-    return tuple(m for m in METHODS if m in names)
-
-
-def parse_protect(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    if spec is None:
-        return ()
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    return tuple(dict.fromkeys(str(p).strip() for p in parts if str(p).strip()))
-
-
-def parse_target(spec: str) -> str | dict[str, float]:
-    """'corpus' | 'parity' | {group: share} from 'Male=0.5,Female=0.5'."""
-    s = str(spec).strip()
-    if s.lower() in ("corpus", "parity", ""):
-        return s.lower() or "corpus"
-    out: dict[str, float] = {}
-    for part in s.split(","):
-        g, eq, v = part.partition("=")
-        try:
-            share = float(v)
-        except ValueError:
-            share = float("nan")
-        if not eq or not g.strip() or not 0.0 <= share <= 1.0:
-            raise SaefeError(f"bad --target {spec!r}: use corpus, parity or GROUP=SHARE pairs like Male=0.5,Female=0.5")
-        out[g.strip()] = share
-    return out
-
-
-def resolve_targets(spec: str, attrs) -> dict[str, np.ndarray]:
-    """attribute -> (G,) target shares for the protected ``attrs`` (AttributeGroups)."""
-    t = parse_target(spec)
-    out: dict[str, np.ndarray] = {}
-    named = dict(t) if isinstance(t, dict) else {}
-    for ag in attrs:
-        base = np.nan_to_num(ag.base_rates())
-        if t == "parity":
-            out[ag.name] = np.full(len(ag.groups), 1.0 / len(ag.groups))
-            continue
-        lower = {g.lower(): i for i, g in enumerate(ag.groups)}
-        mine = {lower[g.lower()]: v for g, v in named.items() if g.lower() in lower}
-        for g in [g for g in named if g.lower() in lower]:
-            named.pop(g)
-        if not mine:
-            out[ag.name] = base
-            continue
-        given = sum(mine.values())
-        if given > 1.0 + 1e-6:
-            raise SaefeError(f"--target shares for {ag.name} add up to {given:g}; they must not exceed 1")
-        rest = [i for i in range(len(ag.groups)) if i not in mine]
-        shares = np.zeros(len(ag.groups))
-        for i, v in mine.items():
-            shares[i] = v
-        if rest:
-            w = base[rest] if base[rest].sum() > 0 else np.ones(len(rest))
-            shares[rest] = (1.0 - given) * w / w.sum()
-        elif abs(given - 1.0) > 1e-6:
-            raise SaefeError(f"--target shares for {ag.name} add up to {given:g}; they must add up to 1")
-        out[ag.name] = shares
-    if named:
-        groups = ", ".join(g for ag in attrs for g in ag.groups)
-        raise SaefeError(f"--target names {', '.join(map(repr, named))}, not a group of the protected attributes ({groups})")
-    return out
-
-
-@dataclass
-class DebiasInfo:
-    """What a debiased search did; the ``debias`` member of a response."""
-
-    methods: list[str]
-    protect: list[str]
-    target: str
-    targets: dict[str, dict[str, float]] = field(default_factory=dict)
-    sources: dict[str, str] = field(default_factory=dict)  # attribute -> labels | estimates | labels+estimates
-    estimated: dict[str, bool] = field(default_factory=dict)
-    ablated: list[int] = field(default_factory=list)
-    projection: dict[str, Any] = field(default_factory=dict)
-    rerank: dict[str, Any] = field(default_factory=dict)
-    met: bool | None = None  # the target shares were reached (None: no method aims at them)
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class DebiasedResults(list):
-    """A result list that also carries its :class:`DebiasInfo` (``.info``)."""
-
-    info: DebiasInfo
-
+LAMBDA_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # project: 1 = plain projection, above leans the other way
+ABLATE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # ablate: share of the tied features' weight taken away
 
 # -- group lookups ------------------------------------------------------------------------------
 
@@ -198,29 +75,30 @@ def local_ids(engine, results, strict: bool = True) -> np.ndarray:
 
 
 def shares_of(ag, ids: np.ndarray) -> np.ndarray:
-    """(G,) group shares among ``ids`` (estimates corrected for the probe's errors)."""
+    """(G,) group shares among ``ids`` (estimates count with their probabilities)."""
     return ag.shares(ids)
 
 
-def deviation(attrs, targets: dict[str, np.ndarray], ids: np.ndarray) -> float:
-    """Largest |share - target| over the protected attributes' groups (inf when unknown)."""
-    worst = 0.0
-    for ag in attrs:
-        s = shares_of(ag, ids)
-        if np.isnan(s).any():
-            return float("inf")
-        worst = max(worst, float(np.abs(s - targets[ag.name]).max()))
-    return worst
+# -- the query: parts that ablate can rewrite -----------------------------------------------------
 
 
-# -- the methods --------------------------------------------------------------------------------
+@dataclass
+class Part:
+    """One weighted term of a query: a feature mix (labels, expressions, sliders), which ablate can
+    rewrite, or a fixed vector (text, image, embedding)."""
+
+    weight: float
+    mix: Any = None  # FeatureMix
+    vector: np.ndarray | None = None
 
 
-def ablate_mix(mix, flagged: np.ndarray):
-    """A copy of ``mix`` without the flagged features, rescaled to the original L2 norm."""
+def ablate_mix(mix, flagged: np.ndarray, strength: float = 1.0):
+    """A copy of ``mix`` with the flagged features' weights times (1 - strength) (strength 1: gone),
+    rescaled to the original L2 norm."""
     from saefe.search.mix import FeatureMix
 
-    keep = {f: w for f, w in mix.items() if not flagged[int(f)] and w != 0.0}
+    keep = {f: (w * (1.0 - strength) if flagged[int(f)] else w) for f, w in mix.items() if w != 0.0}
+    keep = {f: w for f, w in keep.items() if w != 0.0}
     if not keep:
         raise SteeringError("every feature of the mix is tied to the protected attribute; nothing is left after ablation")
     out = FeatureMix(keep, d_hidden=mix.d_hidden, clip=None)
@@ -228,23 +106,110 @@ def ablate_mix(mix, flagged: np.ndarray):
     return FeatureMix({f: w * scale for f, w in keep.items()}, d_hidden=mix.d_hidden, clip=None)
 
 
-def flagged_features(engine, attrs, threshold: float | None) -> np.ndarray:
+def _query(engine, parts: Sequence[Part], mode: str, flagged: np.ndarray | None = None, strength: float = 0.0):
+    """direction mode: the unit query vector; features mode: (feature ids, weights)."""
+    from saefe.search.engine import _unit
+
+    mixes = [(p, ablate_mix(p.mix, flagged, strength) if p.mix is not None and flagged is not None and strength
+              else p.mix) for p in parts]
+    if mode == "direction":
+        acc = np.zeros(engine.dim, np.float64)
+        for p, mix in mixes:
+            acc += p.weight * (engine.direction(mix) if mix is not None else p.vector)
+        return _unit(acc, "the combined query")
+    ids, ws = zip(*[m.as_arrays() for _, m in mixes]) if mixes else ((), ())
+    wts = [np.asarray(w, np.float64) * p.weight for (p, _), w in zip(mixes, ws)]
+    ids, inv = np.unique(np.concatenate(ids), return_inverse=True)
+    ws = np.bincount(inv, weights=np.concatenate(wts), minlength=len(ids))
+    if not (ws != 0).any():
+        raise SteeringError("all sliders are zero")
+    return ids[ws != 0], ws[ws != 0]
+
+
+def _ranked(engine, query, mode: str, n: int) -> list:
+    return engine.search_vector(query, n) if mode == "direction" else engine._rank_arrays(*query, n)
+
+
+def _mix_weights(parts: Sequence[Part]) -> tuple[np.ndarray, np.ndarray]:
+    """(feature ids, combined weights) over the parts' mixes: which way each feature pulls."""
+    acc: dict[int, float] = {}
+    for p in parts:
+        if p.mix is not None:
+            for f, w in p.mix.items():
+                acc[int(f)] = acc.get(int(f), 0.0) + p.weight * float(w)
+    feats = np.array(sorted(f for f, w in acc.items() if w != 0.0), dtype=np.int64)
+    return feats, np.array([acc[int(f)] for f in feats], np.float64)
+
+
+# -- the methods --------------------------------------------------------------------------------
+
+
+def corpus_flags(engine, attrs, threshold: float | None) -> np.ndarray | None:
+    """(H,) features tied to the attributes corpus-wide (the audit's excess share, from labelled
+    images); None when no labelled images measured them."""
     from saefe.analysis.audit import DEFAULT_THRESHOLD, engine_associations
 
-    assoc = engine_associations(engine)
+    try:
+        assoc = engine_associations(engine)
+    except SaefeError:
+        return None
     thr = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     out = np.zeros(engine.require_sae().config.d_hidden, bool)
     for ag in attrs:
-        if ag.name not in assoc:
-            raise SaefeError(f"ablate needs {ag.name}'s association with the SAE features, measured from labelled "
-                             f"images (available: {', '.join(assoc) or 'none'})")
-        out |= assoc[ag.name].flagged(thr)
+        if ag.name in assoc:
+            out |= assoc[ag.name].flagged(thr)
     return out
 
 
+def plan_ablation(engine, parts, mode, k, cfg, attrs, targets, info, calibrated: bool) -> tuple[np.ndarray, float]:
+    """(flagged features (H,), strength): the features of the query's mixes that carry its bias,
+    in its neighbourhood (debias_local.feature_gaps) or corpus-wide (the audit's excess), and
+    how much of them to take away (calibrated: the least that meets the targets; else all)."""
+    from saefe.search import debias_local as loc
+
+    feats, wts = _mix_weights(parts)
+    flagged = np.zeros(engine.require_sae().config.d_hidden, bool)
+    if not len(feats):
+        info.notes.append("ablate has no SAE feature mix to act on (text, image and embedding terms stay as they are)")
+        return flagged, 0.0
+    corpus = corpus_flags(engine, attrs, cfg.threshold)
+    if corpus is not None:
+        flagged |= corpus
+    ranked = local_ids(engine, _ranked(engine, _query(engine, parts, mode), mode, _pool(engine, k, cfg)))
+    nb = loc.neighbourhood(ranked, attrs, cfg.per_group)
+    gaps = loc.feature_gaps(loc.activations(engine.ranker.postings, nb.ids, feats), nb, attrs,
+                            loc.over_groups(attrs, targets, ranked[:k]))
+    flagged[feats[loc.tied_features(gaps, wts, cfg.gap_threshold)]] = True
+    _note_neighbourhood(info, nb, attrs)
+    strength = 1.0
+    if calibrated:
+        strength, dev = loc.calibrate(
+            lambda s: local_ids(engine, _ranked(engine, _query(engine, parts, mode, flagged, s), mode, k)),
+            attrs, targets, cfg.tolerance, ABLATE_GRID)
+        _note_met(info, dev, cfg, "ablation")
+    info.ablation = {"strength": strength, "calibrated": calibrated, "neighbourhood": len(nb.ids),
+                     "tied_here": int(flagged[feats].sum() - (corpus[feats].sum() if corpus is not None else 0)),
+                     "tied_corpus_wide": int(corpus[feats].sum()) if corpus is not None else None}
+    info.ablated = [int(f) for f in feats[flagged[feats]]] if strength > 0 else []
+    return flagged, strength
+
+
+def _note_neighbourhood(info: DebiasInfo, nb, attrs) -> None:
+    if not nb.complete:
+        few = ", ".join(f"{g} {c:.0f}" for ag in attrs for g, c in nb.counts[ag.name].items())
+        info.notes.append(f"the query's {len(nb.ids)} nearest images hold few of some groups ({few}); "
+                          "the local measures are rough")
+
+
+def _note_met(info: DebiasInfo, dev: float, cfg: DebiasConfig, what: str) -> None:
+    info.met = dev <= cfg.tolerance
+    if not info.met:
+        info.notes.append(f"{what} alone cannot reach the target shares (best: off by {dev:.2f}); add rerank to enforce them")
+
+
 def attribute_directions(engine, attrs) -> np.ndarray:
-    """(r, d_emb) orthonormal directions of the protected attributes: from the probes beside the
-    profiles, else measured now on the index's labelled images."""
+    """(r, d_emb) orthonormal corpus-wide directions of the protected attributes: from the probes
+    beside the profiles, else measured now on the index's labelled images."""
     from saefe.labels.probes import ProbeSet, group_offsets, orthonormal_basis, probes_dir_of
 
     rows = []
@@ -267,6 +232,26 @@ def attribute_directions(engine, attrs) -> np.ndarray:
     return orthonormal_basis(u, u.shape[0]).astype(np.float64)
 
 
+def query_directions(engine, q: np.ndarray, k: int, cfg: DebiasConfig, attrs, info: DebiasInfo) -> np.ndarray:
+    """(r, d_emb) directions ``project`` removes from ``q``: the groups' mean offsets among the
+    query's neighbourhood; corpus-wide ones for an attribute whose groups are missing there."""
+    from saefe.labels.probes import orthonormal_basis
+    from saefe.search import debias_local as loc
+
+    ranked = local_ids(engine, engine.search_vector(q, _pool(engine, k, cfg)))
+    nb = loc.neighbourhood(ranked, attrs, cfg.per_group)
+    _note_neighbourhood(info, nb, attrs)
+    u = loc.local_directions(engine.store.vectors_f32(nb.ids), nb, attrs)
+    far = [ag for ag in attrs if not nb.usable(ag.name)]
+    if far:
+        info.notes.append("project uses corpus-wide directions for " + ", ".join(ag.name for ag in far)
+                          + " (its groups are missing near the query)")
+        both = np.concatenate([u, attribute_directions(engine, far)])
+        u = orthonormal_basis(both, both.shape[0])
+    info.projection["neighbourhood"] = len(nb.ids)
+    return np.asarray(u, np.float64)
+
+
 def project(q: np.ndarray, u: np.ndarray, lam: float) -> np.ndarray:
     """q - lam * U U^T q, L2-normalised (q unchanged when lam is 0)."""
     q = np.asarray(q, dtype=np.float64)
@@ -277,56 +262,12 @@ def project(q: np.ndarray, u: np.ndarray, lam: float) -> np.ndarray:
     return (v / n).astype(np.float32)
 
 
-def calibrate_projection(search_ids, q: np.ndarray, u: np.ndarray, attrs, targets, tol: float) -> tuple[float, float]:
-    """(lambda, deviation): the smallest lambda in [0, max grid] whose top-k meets the targets within
-    ``tol``; the lambda with the smallest deviation when none does. ``search_ids(vec)`` -> ids.
-
-    The group most over its target at lambda = 0 drives the search: the grid finds where its share
-    first comes down to within tol of the target, bisection then narrows that step."""
-    devs: dict[float, float] = {}
-    over: dict[float, float] = {}
-    worst: tuple[str, int] | None = None
-
-    def ev(lam: float) -> None:
-        nonlocal worst
-        if lam in devs:
-            return
-        ids = search_ids(project(q, u, lam))
-        devs[lam] = deviation(attrs, targets, ids)
-        excess = {(ag.name, g): float(s - targets[ag.name][g]) for ag in attrs
-                  for g, s in enumerate(np.nan_to_num(shares_of(ag, ids), nan=0.0))}
-        if worst is None:
-            worst = max(excess, key=excess.get)
-        over[lam] = excess[worst]
-
-    def crossed(lam: float) -> bool:
-        ev(lam)
-        return devs[lam] <= tol or over[lam] <= tol
-
-    ev(0.0)
-    if devs[0.0] <= tol:
-        return 0.0, devs[0.0]
-    prev = 0.0
-    for lam in LAMBDA_GRID[1:]:
-        if crossed(lam):
-            lo, hi = prev, lam
-            for _ in range(BISECT_STEPS):
-                mid = (lo + hi) / 2
-                lo, hi = (lo, mid) if crossed(mid) else (mid, hi)
-            if devs[hi] <= tol:
-                return hi, devs[hi]
-            break
-        prev = lam
-    best = min(devs, key=lambda lam: (devs[lam], lam))
-    return best, devs[best]
-
-
 # -- the search ---------------------------------------------------------------------------------
 
 
 def debiased_search(engine, terms, k: int, mode: str, cfg: DebiasConfig) -> DebiasedResults:
     """``engine.search`` with ``cfg`` applied; see the module docstring."""
-    from saefe.search.engine import MIX_KINDS, TERM_KINDS, _check_k, _unit
+    from saefe.search.engine import MIX_KINDS, TERM_KINDS, _check_k
     from saefe.search.mix import check_weight
 
     t0 = time.perf_counter()
@@ -336,38 +277,37 @@ def debiased_search(engine, terms, k: int, mode: str, cfg: DebiasConfig) -> Debi
         raise SaefeError("project acts on the query vector; use --mode direction (or ablate/rerank in features mode)")
     if not terms:
         raise SteeringError("empty query: give a label, expression, features, text or image")
-    flagged = flagged_features(engine, attrs, cfg.threshold) if "ablate" in cfg.methods else None
-    mixes = []
+    parts = []
     for t in terms:
         if t.kind not in TERM_KINDS:
             raise SaefeError(f"unknown term type {t.kind!r}; use one of {', '.join(TERM_KINDS)}")
         w = check_weight(t.weight, f"{t.kind} term")
-        mix = engine.mix(t) if t.kind in MIX_KINDS else None
-        if mix is not None and flagged is not None:
-            before = {int(f) for f, x in mix.items() if x != 0.0}
-            mix = ablate_mix(mix, flagged)
-            info.ablated = sorted(set(info.ablated) | (before - {int(f) for f in mix}))
-        elif flagged is not None:
-            info.notes.append(f"ablate leaves the {t.kind} term as it is (it has no SAE features)")
-        mixes.append((t, w, mix))
-    if mode == "direction":
-        acc = np.zeros(engine.dim, np.float64)
-        for t, w, mix in mixes:
-            acc += w * (engine.direction(mix) if mix is not None else engine.term_vector(t))
-        return vector_search(engine, _unit(acc, "the combined query"), k, cfg, attrs, targets, info, t0)
-    all_ids, all_ws = [], []
-    for t, w, mix in mixes:
-        if mix is None:
+        if t.kind in MIX_KINDS:
+            parts.append(Part(w, mix=engine.mix(t)))
+        elif mode != "direction":
             raise SaefeError(f"feature mode ranks by SAE features; a {t.kind} term needs --mode direction")
-        ids, ws = mix.as_arrays()
-        all_ids.append(ids)
-        all_ws.append(ws.astype(np.float64) * w)
-    ids, inv = np.unique(np.concatenate(all_ids), return_inverse=True)
-    ws = np.bincount(inv, weights=np.concatenate(all_ws), minlength=len(ids))
-    if not (ws != 0).any():
-        raise SteeringError("all sliders are zero")
-    cands = engine._rank_arrays(ids[ws != 0], ws[ws != 0], _fetch(engine, k, cfg))
-    return _finish(engine, cands, k, cfg, attrs, targets, info, t0)
+        else:
+            parts.append(Part(w, vector=engine.term_vector(t)))
+    return search_parts(engine, parts, k, mode, cfg, attrs, targets, info, t0)
+
+
+def search_parts(engine, parts: Sequence[Part], k: int, mode: str, cfg: DebiasConfig, attrs=None, targets=None,
+                 info: DebiasInfo | None = None, t0: float | None = None) -> DebiasedResults:
+    """The debiased top-k of a query given as parts (the engine's terms, or the search server's
+    predefined label embeddings and vectors). Strength is calibrated on the last of ablate /
+    project, and on neither when rerank follows (rerank then sets the shares)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    if attrs is None:
+        attrs, targets, info = start(engine, cfg)
+    rerank = "rerank" in cfg.methods
+    flagged, strength = None, 0.0
+    if "ablate" in cfg.methods:
+        calibrated = cfg.calibrate and not rerank and "project" not in cfg.methods
+        flagged, strength = plan_ablation(engine, parts, mode, k, cfg, attrs, targets, info, calibrated)
+    query = _query(engine, parts, mode, flagged, strength)
+    if mode == "direction":
+        return vector_search(engine, query, k, cfg, attrs, targets, info, t0)
+    return _finish(engine, _ranked(engine, query, mode, _fetch(engine, k, cfg)), k, cfg, attrs, targets, info, t0)
 
 
 def start(engine, cfg: DebiasConfig) -> tuple[list, dict[str, np.ndarray], DebiasInfo]:
@@ -381,38 +321,34 @@ def start(engine, cfg: DebiasConfig) -> tuple[list, dict[str, np.ndarray], Debia
     return attrs, targets, info
 
 
+def _pool(engine, k: int, cfg: DebiasConfig) -> int:
+    return min(max(cfg.pool, k), max(1, int(engine.n_total)))
+
+
 def _fetch(engine, k: int, cfg: DebiasConfig) -> int:
-    return min(max(cfg.pool, k), max(1, int(engine.n_total))) if "rerank" in cfg.methods else k
+    return _pool(engine, k, cfg) if "rerank" in cfg.methods else k
 
 
 def vector_search(engine, q: np.ndarray, k: int, cfg: DebiasConfig, attrs=None, targets=None,
                   info: DebiasInfo | None = None, t0: float | None = None) -> DebiasedResults:
     """Search a query vector with ``project`` and/or ``rerank`` of ``cfg`` (ablate acts on mixes
-    before the vector is made; see debiased_search)."""
+    before the vector is made; see search_parts)."""
+    from saefe.search import debias_local as loc
+
     t0 = time.perf_counter() if t0 is None else t0
     if attrs is None:
         attrs, targets, info = start(engine, cfg)
     rerank = "rerank" in cfg.methods
     if "project" in cfg.methods:
-        u = attribute_directions(engine, attrs)
-        lam, dev, calibrated = 1.0, None, cfg.calibrate and not rerank
+        u = query_directions(engine, q, k, cfg, attrs, info)
+        lam, calibrated = 1.0, cfg.calibrate and not rerank
         if calibrated:
-            try:
-                lam, dev = calibrate_projection(lambda v: local_ids(engine, engine.search_vector(v, k)),
-                                                q, u, attrs, targets, cfg.tolerance)
-            except SaefeError as e:  # a remote backend's results that the local index lacks
-                if engine.backend is None:
-                    raise
-                calibrated = False
-                info.notes.append(f"projection not calibrated (plain projection): {e}")
-        if dev is not None:
-            info.met = dev <= cfg.tolerance
-            if not info.met:
-                info.notes.append(f"projection alone cannot reach the target shares (best: off by {dev:.2f}); "
-                                  "add rerank to enforce them")
+            lam, dev = loc.calibrate(lambda s: local_ids(engine, engine.search_vector(project(q, u, s), k)),
+                                     attrs, targets, cfg.tolerance, LAMBDA_GRID)
+            _note_met(info, dev, cfg, "projection")
         q2 = project(q, u, lam)
-        info.projection = {"lambda": lam, "directions": int(u.shape[0]), "calibrated": calibrated,
-                           "cosine_to_query": float(q2 @ q), "component_removed": float(np.linalg.norm(u @ q))}
+        info.projection.update({"lambda": lam, "directions": int(u.shape[0]), "calibrated": calibrated,
+                                "cosine_to_query": float(q2 @ q), "component_removed": float(np.linalg.norm(u @ q))})
         q = q2
     return _finish(engine, engine.search_vector(q, _fetch(engine, k, cfg)), k, cfg, attrs, targets, info, t0)
 
@@ -424,13 +360,6 @@ def _finish(engine, cands, k, cfg, attrs, targets, info, t0) -> DebiasedResults:
     info.seconds = time.perf_counter() - t0
     out.info = info
     return out
-
-
-def ablated_direction(engine, label: str, flagged: np.ndarray) -> np.ndarray:
-    """A label's direction after ablation (for the server's predefined embeddings)."""
-    from saefe.search.engine import Term
-
-    return engine.direction(ablate_mix(engine.mix(Term("label", label)), flagged))
 
 
 def fair_rerank_results(engine, cands, attrs, targets: dict[str, np.ndarray], k: int, info: DebiasInfo) -> list:

@@ -217,35 +217,48 @@ class QueryPlanner:
             raise QueryError(f"term {i}: unknown predefined_embedding {value!r} (available: {names})")
         return value
 
-    def query_vector(self, parsed, engine=None, flagged=None) -> np.ndarray:
-        """Blocking: embeds text/image terms through the engine (``flagged``: features that ablate
-        removes from predefined label mixes)."""
+    def term_vector(self, kind: str, value, engine) -> np.ndarray:
+        """Blocking: one term's embedding (text and image terms go through the engine)."""
         from saefe.errors import SaefeError
 
+        try:
+            if kind == "embedding":
+                return value
+            if kind == "text":
+                return engine.embed_text(value)
+            if kind == "image":
+                return engine.embed_image_bytes(value)
+            return engine.predefined[value]
+        except SaefeError as e:
+            raise QueryError(f"{kind} term: {e}") from None
+        except Exception as e:  # noqa: BLE001 - undecodable images surface as many exception types
+            if kind == "image":
+                raise QueryError(f"image term: cannot decode image ({type(e).__name__})") from None
+            raise
+
+    def query_vector(self, parsed, engine=None) -> np.ndarray:
+        """Blocking: the weighted sum of the terms' unit embeddings, normalised."""
         engine = engine or self.engine
         total = np.zeros(int(engine.dim), np.float32)
-        for j, (kind, value, weight) in enumerate(parsed):
-            try:
-                if kind == "embedding":
-                    v = value
-                elif kind == "text":
-                    v = engine.embed_text(value)
-                elif kind == "image":
-                    v = engine.embed_image_bytes(value)
-                elif flagged is not None:
-                    from saefe.search.debias import ablated_direction
-
-                    v = ablated_direction(engine, value, flagged)
-                else:
-                    v = engine.predefined[value]
-            except SaefeError as e:
-                raise QueryError(f"{kind} term: {e}") from None
-            except Exception as e:  # noqa: BLE001 - undecodable images surface as many exception types
-                if kind == "image":
-                    raise QueryError(f"image term: cannot decode image ({type(e).__name__})") from None
-                raise
+        for kind, value, weight in parsed:
+            v = self.term_vector(kind, value, engine)
             total += weight * _normalised(np.asarray(v, dtype=np.float32), f"{kind} term embedding")
         return _normalised(total, "the weighted sum of the terms")
+
+    def query_parts(self, parsed, engine) -> list:
+        """The query as debias parts: predefined label embeddings as their feature mixes (which
+        ablate can rewrite), every other term as its unit vector."""
+        from saefe.search.debias import Part
+        from saefe.search.engine import Term
+
+        parts = []
+        for kind, value, weight in parsed:
+            if kind == "predefined_embedding" and engine.profiles is not None and value in engine.profiles.labels:
+                parts.append(Part(weight, mix=engine.mix(Term("label", value))))
+            else:
+                v = np.asarray(self.term_vector(kind, value, engine), dtype=np.float32)
+                parts.append(Part(weight, vector=_normalised(v, f"{kind} term embedding").astype(np.float64)))
+        return parts
 
     def search(self, parsed, k: int, opts: dict | None = None, debias=None) -> dict:
         """One page: {"matches", "group_sizes", "offset", "has_more", "next_offset"} (blocking);
@@ -257,18 +270,14 @@ class QueryPlanner:
         info = None
         try:
             if debias is not None:
-                from saefe.search.debias import flagged_features, start, vector_search
+                from saefe.search.debias import search_parts, start
 
                 if opts["where"] or opts["offset"]:
                     raise QueryError("'where' and 'offset' do not combine with 'debias' yet")
                 attrs, targets, info = start(engine, debias)
-                flagged = None
-                if "ablate" in debias.methods:
-                    flagged = flagged_features(engine, attrs, debias.threshold)
-                    if not any(kind == "predefined_embedding" for kind, _, _ in parsed):
-                        info.notes.append("ablate acts on predefined_embedding terms (label mixes); none was given")
                 k = min(k, max(1, int(engine.n_total)))
-                results = vector_search(engine, self.query_vector(parsed, engine, flagged), k, debias, attrs, targets, info)
+                results = search_parts(engine, self.query_parts(parsed, engine), k, "direction", debias, attrs,
+                                       targets, info)
                 has_more, nxt = False, len(results)
             elif hasattr(engine, "store"):  # a local index: filters, collapse, paging
                 from saefe.search.query import search_vector_page

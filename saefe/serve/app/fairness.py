@@ -134,7 +134,7 @@ def build_audit_panel(app: "SaefeApp", c: SimpleNamespace) -> None:
                                     elem_id="au-attr")
             c.au_btn = gr.Button("Audit", scale=1, elem_id="au-btn")
         c.au_md = gr.Markdown(elem_id="au-md")
-        c.au_df = gr.Dataframe(headers=["feature", "weight", "fires", "shares (explained)", "excess", "carries bias"],
+        c.au_df = gr.Dataframe(headers=["feature", "weight", "fires", "shares (explained)", "excess", "gap here", "carries bias"],
                                interactive=False, label="Top features (click one for its example strip)",
                                elem_id="au-df")
         c.au_strip = gr.Gallery(label="Example strip", columns=6, height=150, allow_preview=False, elem_id="au-strip")
@@ -143,13 +143,18 @@ def build_audit_panel(app: "SaefeApp", c: SimpleNamespace) -> None:
 
 def audit_view(app: "SaefeApp", label: str, attribute: str):
     rep = api_audit(app, label, attribute)
-    rows = [[f"f{r['feature']}", round(r["weight"], 4), r["support"],
-             ", ".join(f"{g} {r['shares'][g]:.0%} ({r['expected'][g]:.0%})" for g in rep["groups"]),
-             f"{r['excess']:+.2f} {r['lean']}", "YES" if r["flagged"] else ""] for r in rep["rows"]]
+    rows = [[f"f{r['feature']}", round(r["weight"], 4), r["support"] if r["support"] is not None else "-",
+             ", ".join(f"{g} {r['shares'][g]:.0%} ({r['expected'][g]:.0%})" for g in rep["groups"]) if r["shares"] else "-",
+             f"{r['excess']:+.2f} {r['lean']}" if r["excess"] is not None else "-",
+             f"{r['gap']:+.2f}" if r["gap"] is not None else "-",
+             "+".join(w for w, on in (("corpus", r["flagged_corpus"]), ("here", r["flagged_here"])) if on)]
+            for r in rep["rows"]]
     n = sum(r["flagged"] for r in rep["rows"])
-    head = (f"**{rep['label']}** for **{rep['attribute']}**: {n} of its top {len(rep['rows'])} features carry the "
-            f"bias (|excess| ≥ {rep['threshold']:.2f}: group share among the images where the feature fires, beyond "
-            "what their labels explain; `ablate` zeroes them).")
+    head = (f"**{rep['label']}** for **{rep['attribute']}**: {n} of {len(rep['rows'])} features carry the bias: "
+            f"corpus = |excess| ≥ {rep['threshold']:.2f} (group share among the images where the feature fires, beyond "
+            f"what their labels explain); here = gap ≥ {rep['gap_threshold']:.2f} (Cohen's d towards "
+            f"{rep['gap_group'] or '-'} among the label's {rep['neighbourhood']} nearest images). `ablate` takes "
+            "weight from them.")
     if rep["label_shares"]:
         head += "  \n" + f"{rep['label']} images: " + ", ".join(f"{g} {s:.0%}" for g, s in rep["label_shares"].items())
         head += "; corpus: " + ", ".join(f"{g} {s:.0%}" for g, s in rep["corpus_shares"].items())
