@@ -1,0 +1,117 @@
+"""``saefe build --ray local`` against the plain build on this machine: wall time of the user's
+command (a fresh process each run, paired and interleaved so both see the same machine load),
+the embedding phase alone, the ratio, and whether both give the same index (cosine per image).
+
+Also Ray's fixed cost on this machine, measured apart: ``ray.init`` of a private cluster, the
+first Ray Data execution (its executor and stats actors) and ``ray.shutdown``.
+
+    python benchmarks/bench_ray_build.py --sizes 3000,12000 --repeats 2
+
+Corpora are demo images (generated once under --work); the model is the shipped demo model, so
+the embedding is cheap and the table shows Ray's overhead at its most visible: with SigLIP
+SO400M (~8 CPU-seconds an image) the fixed start is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def ray_fixed_cost() -> dict[str, float]:
+    """Seconds for ray.init (2 CPUs), the first Ray Data execution and shutdown, in a child process."""
+    code = (
+        "import time, logging, ray, json\n"
+        "t=time.perf_counter(); ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, "
+        "log_to_driver=False); t1=time.perf_counter()\n"
+        "import ray.data as rd; rd.DataContext.get_current().enable_progress_bars=False\n"
+        "rd.range(2).map_batches(lambda b: b, batch_size=1).take_all(); t2=time.perf_counter()\n"
+        "ray.shutdown(); t3=time.perf_counter()\n"
+        "print(json.dumps({'init': t1-t, 'first_data': t2-t1, 'shutdown': t3-t2}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_build(images: Path, out: Path, ray: bool) -> tuple[float, float]:
+    """(wall seconds of the command, seconds of its embedding phase as it reports them)."""
+    cmd = [sys.executable, "-m", "saefe.cli.main", "build", "--images", str(images), "--model", "demo",
+           "--out", str(out), "--force", "--no-progress"] + (["--ray", "local"] if ray else [])
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"build failed ({'ray' if ray else 'plain'}): {p.stderr.strip().splitlines()[-1:]}")
+    m = re.search(r"embedded this run: \d+ in ([\d.]+)s", p.stdout)
+    return wall, float(m.group(1)) if m else float("nan")
+
+
+def same_index(a: Path, b: Path) -> tuple[int, float]:
+    """(images, smallest cosine between the two builds' vectors of the same path)."""
+    from saefe.ingest.store import EmbeddingStore
+
+    sa, sb = EmbeddingStore.open(a), EmbeddingStore.open(b)
+    pa, pb = list(sa.metadata["path"]), list(sb.metadata["path"])
+    if sorted(pa) != sorted(pb):
+        return len(pa), float("nan")
+    pos = {p: i for i, p in enumerate(pb)}
+    va, vb = sa.vectors_f32(), sb.vectors_f32()[[pos[p] for p in pa]]
+    return len(pa), float((va * vb).sum(axis=1).min())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="3000,12000")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/saefe_bench_ray")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from saefe.demo.corpus import DemoConfig, generate_demo
+
+    work = Path(args.work)
+    print(f"machine: {os.cpu_count()} CPUs")
+    fixed = ray_fixed_cost()
+    print("Ray's fixed cost (private 2-CPU cluster): " + ", ".join(f"{k} {v:.2f}s" for k, v in fixed.items()))
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        corpus = work / f"corpus{n}"
+        if not (corpus / "images").is_dir():
+            generate_demo(corpus, DemoConfig(n=n, seed=5), progress=False)
+        runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for ray in (False, True):  # interleaved: both see the same load
+                runs[ray].append(run_build(corpus / "images", work / f"index{n}-{'ray' if ray else 'plain'}", ray))
+        images, cos = same_index(work / f"index{n}-plain", work / f"index{n}-ray")
+        pw, rw = (statistics.median(w for w, _ in runs[r]) for r in (False, True))
+        pe, re_ = (statistics.median(e for _, e in runs[r]) for r in (False, True))
+        rows.append([n, f"{pw:.1f}", f"{rw:.1f}", f"{rw / pw:.2f}x", f"{pe:.1f} ({n / pe:.0f}/s)",
+                     f"{re_:.1f} ({n / re_:.0f}/s)", f"{rw - pw:.1f}", f"{cos:.5f}",
+                     " / ".join(f"{w:.1f}" for w, _ in runs[False]) + " | " + " / ".join(f"{w:.1f}" for w, _ in runs[True])])
+    head = ["images", "plain s", "ray s", "ratio", "plain embed", "ray embed", "ray extra s", "min cosine",
+            "runs plain | ray"]
+    cells = [[str(c) for c in r] for r in [head, *rows]]
+    w = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    for i, r in enumerate(cells):
+        print("  ".join(c.rjust(w[j]) for j, c in enumerate(r)))
+        if i == 0:
+            print("  ".join("-" * x for x in w))
+    print("median wall time of the whole command (fresh process: imports, scan, embed, index); embed = the "
+          "build's own 'embedded this run' figure (for Ray: cluster start, actors' model load and streaming)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
