@@ -154,6 +154,9 @@ def main(argv=None) -> int:
     for k in (20, 100):
         cands = [rows_of(m).get(k) for m in ("ablate", "project", "ablate+project")] + [rows_of("ablate", "features").get(k)]
         cands = [r for r in cands if r is not None]
+        for r in cands:
+            print(f"  ({r.method} ({r.mode}) k={k}: |gap| {r.gap:.2f}, precision {r.precision:.0%}: "
+                  f"{'meets' if r.gap <= 0.15 and r.precision >= 0.90 else 'misses'} 0.15 at 90%)")
         ok = [r for r in cands if r.gap <= 0.15 and r.precision >= 0.90]
         best = min(cands, key=lambda r: (r.gap > 0.15 or r.precision < 0.9, r.gap, -r.precision))
         stretch = any(r.gap <= 0.10 and r.precision >= 0.95 for r in cands)

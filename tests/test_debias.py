@@ -177,7 +177,8 @@ def test_project_returns_a_query_orthogonal_to_the_directions(eng, monkeypatch):
     monkeypatch.setattr(eng, "search_vector", spy)
     cfg = DebiasConfig.parse("project", "gender", calibrate=False)
     attrs, _, info = dmod.start(eng, cfg)
-    u = dmod.query_directions(eng, eng.query_vector([Term("label", "Esteem")]), 10, cfg, attrs, info)
+    u, owner = dmod.query_directions(eng, eng.query_vector([Term("label", "Esteem")]), 10, cfg, attrs, info)
+    assert set(owner) == {"gender"}
     res = eng.search([Term("label", "Esteem")], k=10, debias=cfg)  # its last search is the projected query
     assert res.info.projection["lambda"] == 1.0 and np.abs(u @ seen["v"]).max() < 1e-5
     assert res.info.projection["neighbourhood"] == info.projection["neighbourhood"] > 0

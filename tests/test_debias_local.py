@@ -48,8 +48,8 @@ def test_projecting_the_local_directions_equalises_each_groups_mean_score():
     labels = rng.integers(0, 3, size=60).tolist()
     ag = _groups(labels, n_groups=3)
     nb = loc.neighbourhood(np.arange(60), [ag], per_group=5)
-    u = loc.local_directions(x[nb.ids], nb, [ag])
-    assert u.shape == (2, 16) and np.allclose(u @ u.T, np.eye(2), atol=1e-6)
+    u, owner = loc.local_directions(x[nb.ids], nb, [ag])
+    assert u.shape == (2, 16) and owner == ["gender", "gender"] and np.allclose(u @ u.T, np.eye(2), atol=1e-6)
     q = rng.normal(size=16)
     q /= np.linalg.norm(q)
     q1 = project(q, u, 1.0).astype(np.float64)
@@ -60,7 +60,16 @@ def test_projecting_the_local_directions_equalises_each_groups_mean_score():
 def test_local_directions_skip_an_attribute_missing_its_groups():
     ag = _groups([0, 0, 0])
     nb = loc.neighbourhood(np.arange(3), [ag], per_group=1)
-    assert loc.local_directions(np.ones((3, 4)), nb, [ag]).shape == (0, 4)
+    u, owner = loc.local_directions(np.ones((3, 4)), nb, [ag])
+    assert u.shape == (0, 4) and owner == []
+
+
+def test_stacked_blocks_are_orthonormal_and_keep_their_owner():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(1, 8)), rng.normal(size=(2, 8))
+    u, owner = loc.stack_blocks([("gender", a), ("age", b)], 8)
+    assert owner == ["gender", "age", "age"] and np.allclose(u @ u.T, np.eye(3), atol=1e-6)
+    assert np.isclose(abs(u[0] @ a[0]), np.linalg.norm(a[0]), rtol=1e-6)  # the first block keeps its direction
 
 
 def test_activations_read_the_posting_lists_exactly():
@@ -84,8 +93,8 @@ def test_feature_gaps_and_ties_follow_the_weight_sign():
     gaps = loc.feature_gaps(acts, nb, [ag], {"gender": 0})["gender"]  # towards Male
     assert gaps[0] == pytest.approx(2.0) and gaps[1] == pytest.approx(-2.0) and gaps[2] == pytest.approx(0.0)
     # f0 pulls towards men with a positive weight, f1 with a negative one; f2 does not separate them
-    assert loc.tied_features({"gender": gaps}, np.array([0.5, -0.5, 0.5])).tolist() == [True, True, False]
-    assert loc.tied_features({"gender": gaps}, np.array([-0.5, 0.5, 0.5])).tolist() == [False, False, False]
+    assert loc.tied_features({"gender": gaps}, np.array([0.5, -0.5, 0.5]))["gender"].tolist() == [True, True, False]
+    assert loc.tied_features({"gender": gaps}, np.array([-0.5, 0.5, 0.5]))["gender"].tolist() == [False, False, False]
 
 
 def test_calibrate_picks_the_least_strength_that_meets_the_target():
@@ -103,3 +112,18 @@ def test_calibrate_picks_the_least_strength_that_meets_the_target():
     assert loc.calibrate(lambda s: np.arange(5, 15), [ag], targets, 0.05, (0.0, 1.0)) == (0.0, 0.0)  # fair already
     s, dev = loc.calibrate(lambda s: np.arange(10), [ag], targets, 0.05, (0.0, 1.0))  # nothing moves
     assert s == 0.0 and dev == pytest.approx(0.5)
+
+
+def test_calibrate_each_sets_each_attribute_on_its_own_groups():
+    """Two attributes, each moved only by its own strength: each lands on its own target, and
+    neither is dragged past it by the other's strength."""
+    g = _groups([0] * 10 + [1] * 10)
+    a = AttributeGroups("age", ["Kid", "Adult"], g.member[::-1].copy(), g.estimated.copy())  # Kid = rows 10..19
+    targets = {"gender": np.array([0.5, 0.5]), "age": np.array([0.5, 0.5])}
+
+    def search_ids(st):  # 10 results; gender strength swaps men for women, age strength kids for adults
+        men = int(round(10 * max(0.0, 1.0 - st["gender"] / 2)))
+        return np.array(list(range(men)) + list(range(10, 20 - men)))
+
+    st, dev = loc.calibrate_each(search_ids, [g, a], targets, tol=0.05, grid=(0.0, 0.5, 1.0, 1.5, 2.0))
+    assert dev <= 0.05 and 0.5 < st["gender"] <= 1.0 and st["age"] == 0.0

@@ -111,8 +111,9 @@ def describe_debias(info) -> str:
     parts.append("target " + "; ".join(f"{a}: " + ", ".join(f"{g} {s:.0%}" for g, s in t.items())
                                        for a, t in info.targets.items()))
     if info.ablated:
-        parts.append(f"ablated {len(info.ablated)} features ({', '.join(f'f{f}' for f in info.ablated[:8])}"
-                     f"{', ...' if len(info.ablated) > 8 else ''})")
+        strength = info.ablation.get("strength", 1.0) if info.ablation else 1.0
+        parts.append(f"ablated {strength:.0%} of {len(info.ablated)} features' weight "
+                     f"({', '.join(f'f{f}' for f in info.ablated[:8])}{', ...' if len(info.ablated) > 8 else ''})")
     if info.projection:
         parts.append(f"projection lambda {info.projection['lambda']:.2f} (cosine to the query {info.projection['cosine_to_query']:.3f})")
     if info.rerank:

@@ -92,13 +92,14 @@ class Part:
     vector: np.ndarray | None = None
 
 
-def ablate_mix(mix, flagged: np.ndarray, strength: float = 1.0):
-    """A copy of ``mix`` with the flagged features' weights times (1 - strength) (strength 1: gone),
-    rescaled to the original L2 norm."""
+def ablate_mix(mix, cut: np.ndarray, strength: float = 1.0):
+    """A copy of ``mix`` with feature f's weight times (1 - strength * cut[f]) (``cut``: (H,) bool
+    or shares in [0, 1]; 1 = the feature is gone), rescaled to the original L2 norm."""
     from saefe.search.mix import FeatureMix
 
-    keep = {f: (w * (1.0 - strength) if flagged[int(f)] else w) for f, w in mix.items() if w != 0.0}
-    keep = {f: w for f, w in keep.items() if w != 0.0}
+    cut = np.asarray(cut, dtype=np.float64)
+    keep = {f: w * (1.0 - strength * cut[int(f)]) for f, w in mix.items() if w != 0.0}
+    keep = {f: w for f, w in keep.items() if abs(w) > 1e-12 * max(1.0, abs(mix[f]))}
     if not keep:
         raise SteeringError("every feature of the mix is tied to the protected attribute; nothing is left after ablation")
     out = FeatureMix(keep, d_hidden=mix.d_hidden, clip=None)
@@ -106,12 +107,13 @@ def ablate_mix(mix, flagged: np.ndarray, strength: float = 1.0):
     return FeatureMix({f: w * scale for f, w in keep.items()}, d_hidden=mix.d_hidden, clip=None)
 
 
-def _query(engine, parts: Sequence[Part], mode: str, flagged: np.ndarray | None = None, strength: float = 0.0):
-    """direction mode: the unit query vector; features mode: (feature ids, weights)."""
+def _query(engine, parts: Sequence[Part], mode: str, cut: np.ndarray | None = None):
+    """direction mode: the unit query vector; features mode: (feature ids, weights). ``cut``:
+    what ablation takes from each feature (see ablate_mix)."""
     from saefe.search.engine import _unit
 
-    mixes = [(p, ablate_mix(p.mix, flagged, strength) if p.mix is not None and flagged is not None and strength
-              else p.mix) for p in parts]
+    ablating = cut is not None and bool(np.any(cut))
+    mixes = [(p, ablate_mix(p.mix, cut) if p.mix is not None and ablating else p.mix) for p in parts]
     if mode == "direction":
         acc = np.zeros(engine.dim, np.float64)
         for p, mix in mixes:
@@ -144,54 +146,57 @@ def _mix_weights(parts: Sequence[Part]) -> tuple[np.ndarray, np.ndarray]:
 # -- the methods --------------------------------------------------------------------------------
 
 
-def corpus_flags(engine, attrs, threshold: float | None) -> np.ndarray | None:
-    """(H,) features tied to the attributes corpus-wide (the audit's excess share, from labelled
-    images); None when no labelled images measured them."""
+def corpus_flags(engine, attrs, threshold: float | None) -> dict[str, np.ndarray]:
+    """attribute -> (H,) features tied to it corpus-wide (the audit's excess share, from labelled
+    images); attributes that no labelled images measured are left out."""
     from saefe.analysis.audit import DEFAULT_THRESHOLD, engine_associations
 
     try:
         assoc = engine_associations(engine)
     except SaefeError:
-        return None
+        return {}
     thr = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-    out = np.zeros(engine.require_sae().config.d_hidden, bool)
-    for ag in attrs:
-        if ag.name in assoc:
-            out |= assoc[ag.name].flagged(thr)
-    return out
+    return {ag.name: assoc[ag.name].flagged(thr) for ag in attrs if ag.name in assoc}
 
 
-def plan_ablation(engine, parts, mode, k, cfg, attrs, targets, info, calibrated: bool) -> tuple[np.ndarray, float]:
-    """(flagged features (H,), strength): the features of the query's mixes that carry its bias,
-    in its neighbourhood (debias_local.feature_gaps) or corpus-wide (the audit's excess), and
-    how much of them to take away (calibrated: the least that meets the targets; else all)."""
+def plan_ablation(engine, parts, mode, k, cfg, attrs, targets, info, calibrated: bool) -> np.ndarray:
+    """(H,) the share of each feature's weight that ablation takes away: the features of the
+    query's mixes that carry its bias for an attribute, in its neighbourhood
+    (debias_local.feature_gaps) or corpus-wide (the audit's excess), times that attribute's
+    strength (calibrated: the least that meets its target; else 1)."""
     from saefe.search import debias_local as loc
 
+    h = engine.require_sae().config.d_hidden
     feats, wts = _mix_weights(parts)
-    flagged = np.zeros(engine.require_sae().config.d_hidden, bool)
     if not len(feats):
         info.notes.append("ablate has no SAE feature mix to act on (text, image and embedding terms stay as they are)")
-        return flagged, 0.0
-    corpus = corpus_flags(engine, attrs, cfg.threshold)
-    if corpus is not None:
-        flagged |= corpus
+        return np.zeros(h)
     ranked = local_ids(engine, _ranked(engine, _query(engine, parts, mode), mode, _pool(engine, k, cfg)))
     nb = loc.neighbourhood(ranked, attrs, cfg.per_group)
+    _note_neighbourhood(info, nb, attrs)
     gaps = loc.feature_gaps(loc.activations(engine.ranker.postings, nb.ids, feats), nb, attrs,
                             loc.over_groups(attrs, targets, ranked[:k]))
-    flagged[feats[loc.tied_features(gaps, wts, cfg.gap_threshold)]] = True
-    _note_neighbourhood(info, nb, attrs)
-    strength = 1.0
+    flags = {ag.name: np.zeros(h, bool) for ag in attrs}
+    for a, f in corpus_flags(engine, attrs, cfg.threshold).items():
+        flags[a] |= f
+    for a, tied in loc.tied_features(gaps, wts, cfg.gap_threshold).items():
+        flags[a][feats[tied]] = True
+
+    def cut(strengths: dict[str, float]) -> np.ndarray:
+        return np.max([strengths[a] * flags[a] for a in flags], axis=0)
+
+    strengths = {a: 1.0 for a in flags}
     if calibrated:
-        strength, dev = loc.calibrate(
-            lambda s: local_ids(engine, _ranked(engine, _query(engine, parts, mode, flagged, s), mode, k)),
+        strengths, dev = loc.calibrate_each(
+            lambda st: local_ids(engine, _ranked(engine, _query(engine, parts, mode, cut(st)), mode, k)),
             attrs, targets, cfg.tolerance, ABLATE_GRID)
         _note_met(info, dev, cfg, "ablation")
-    info.ablation = {"strength": strength, "calibrated": calibrated, "neighbourhood": len(nb.ids),
-                     "tied_here": int(flagged[feats].sum() - (corpus[feats].sum() if corpus is not None else 0)),
-                     "tied_corpus_wide": int(corpus[feats].sum()) if corpus is not None else None}
-    info.ablated = [int(f) for f in feats[flagged[feats]]] if strength > 0 else []
-    return flagged, strength
+    out = cut(strengths)
+    info.ablation = {"strength": max(strengths.values()), "strengths": strengths, "calibrated": calibrated,
+                     "neighbourhood": len(nb.ids),
+                     "tied": {a: int(f[feats].sum()) for a, f in flags.items()}}
+    info.ablated = [int(f) for f in feats[out[feats] > 0]]
+    return out
 
 
 def _note_neighbourhood(info: DebiasInfo, nb, attrs) -> None:
@@ -232,30 +237,34 @@ def attribute_directions(engine, attrs) -> np.ndarray:
     return orthonormal_basis(u, u.shape[0]).astype(np.float64)
 
 
-def query_directions(engine, q: np.ndarray, k: int, cfg: DebiasConfig, attrs, info: DebiasInfo) -> np.ndarray:
-    """(r, d_emb) directions ``project`` removes from ``q``: the groups' mean offsets among the
-    query's neighbourhood; corpus-wide ones for an attribute whose groups are missing there."""
-    from saefe.labels.probes import orthonormal_basis
+def query_directions(engine, q: np.ndarray, k: int, cfg: DebiasConfig, attrs, info: DebiasInfo
+                     ) -> tuple[np.ndarray, list[str]]:
+    """((r, d_emb) directions, each row's attribute) that ``project`` removes from ``q``: the
+    groups' mean offsets among the query's neighbourhood; corpus-wide ones for an attribute whose
+    groups are missing there."""
     from saefe.search import debias_local as loc
 
     ranked = local_ids(engine, engine.search_vector(q, _pool(engine, k, cfg)))
     nb = loc.neighbourhood(ranked, attrs, cfg.per_group)
     _note_neighbourhood(info, nb, attrs)
-    u = loc.local_directions(engine.store.vectors_f32(nb.ids), nb, attrs)
-    far = [ag for ag in attrs if not nb.usable(ag.name)]
-    if far:
-        info.notes.append("project uses corpus-wide directions for " + ", ".join(ag.name for ag in far)
-                          + " (its groups are missing near the query)")
-        both = np.concatenate([u, attribute_directions(engine, far)])
-        u = orthonormal_basis(both, both.shape[0])
+    x = engine.store.vectors_f32(nb.ids)
+    blocks = []
+    for ag in attrs:
+        if nb.usable(ag.name):
+            u, _ = loc.local_directions(x, nb, [ag])
+        else:
+            info.notes.append(f"project uses corpus-wide directions for {ag.name} (its groups are missing near the query)")
+            u = attribute_directions(engine, [ag])
+        blocks.append((ag.name, u))
     info.projection["neighbourhood"] = len(nb.ids)
-    return np.asarray(u, np.float64)
+    return loc.stack_blocks(blocks, engine.dim)
 
 
-def project(q: np.ndarray, u: np.ndarray, lam: float) -> np.ndarray:
-    """q - lam * U U^T q, L2-normalised (q unchanged when lam is 0)."""
+def project(q: np.ndarray, u: np.ndarray, lam) -> np.ndarray:
+    """q - U diag(lam) U^T q, L2-normalised (``lam``: one strength, or one per row of U; q is
+    unchanged where it is 0)."""
     q = np.asarray(q, dtype=np.float64)
-    v = q - lam * (u.T @ (u @ q))
+    v = q - u.T @ (np.asarray(lam, dtype=np.float64) * (u @ q))
     n = float(np.linalg.norm(v))
     if n < 1e-5 * max(float(np.linalg.norm(q)), 1e-12):
         raise SteeringError("the query lies entirely along the protected attribute's directions; nothing is left to search")
@@ -300,11 +309,11 @@ def search_parts(engine, parts: Sequence[Part], k: int, mode: str, cfg: DebiasCo
     if attrs is None:
         attrs, targets, info = start(engine, cfg)
     rerank = "rerank" in cfg.methods
-    flagged, strength = None, 0.0
+    cut = None
     if "ablate" in cfg.methods:
         calibrated = cfg.calibrate and not rerank and "project" not in cfg.methods
-        flagged, strength = plan_ablation(engine, parts, mode, k, cfg, attrs, targets, info, calibrated)
-    query = _query(engine, parts, mode, flagged, strength)
+        cut = plan_ablation(engine, parts, mode, k, cfg, attrs, targets, info, calibrated)
+    query = _query(engine, parts, mode, cut)
     if mode == "direction":
         return vector_search(engine, query, k, cfg, attrs, targets, info, t0)
     return _finish(engine, _ranked(engine, query, mode, _fetch(engine, k, cfg)), k, cfg, attrs, targets, info, t0)
@@ -340,15 +349,20 @@ def vector_search(engine, q: np.ndarray, k: int, cfg: DebiasConfig, attrs=None, 
         attrs, targets, info = start(engine, cfg)
     rerank = "rerank" in cfg.methods
     if "project" in cfg.methods:
-        u = query_directions(engine, q, k, cfg, attrs, info)
-        lam, calibrated = 1.0, cfg.calibrate and not rerank
+        u, owner = query_directions(engine, q, k, cfg, attrs, info)
+        lams, calibrated = {ag.name: 1.0 for ag in attrs}, cfg.calibrate and not rerank
+
+        def per_row(st: dict[str, float]) -> np.ndarray:
+            return np.array([st[a] for a in owner], np.float64)
+
         if calibrated:
-            lam, dev = loc.calibrate(lambda s: local_ids(engine, engine.search_vector(project(q, u, s), k)),
-                                     attrs, targets, cfg.tolerance, LAMBDA_GRID)
+            lams, dev = loc.calibrate_each(lambda st: local_ids(engine, engine.search_vector(project(q, u, per_row(st)), k)),
+                                           attrs, targets, cfg.tolerance, LAMBDA_GRID)
             _note_met(info, dev, cfg, "projection")
-        q2 = project(q, u, lam)
-        info.projection.update({"lambda": lam, "directions": int(u.shape[0]), "calibrated": calibrated,
-                                "cosine_to_query": float(q2 @ q), "component_removed": float(np.linalg.norm(u @ q))})
+        q2 = project(q, u, per_row(lams))
+        info.projection.update({"lambda": max(lams.values()), "lambdas": lams, "directions": int(u.shape[0]),
+                                "calibrated": calibrated, "cosine_to_query": float(q2 @ q),
+                                "component_removed": float(np.linalg.norm(u @ q))})
         q = q2
     return _finish(engine, engine.search_vector(q, _fetch(engine, k, cfg)), k, cfg, attrs, targets, info, t0)
 

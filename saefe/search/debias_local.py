@@ -67,24 +67,40 @@ def neighbourhood(ranked: np.ndarray, attrs, per_group: int = DEFAULT_PER_GROUP)
     return Neighbourhood(ids, bool(reached.any()), counts)
 
 
-def local_directions(vectors: np.ndarray, nb: Neighbourhood, attrs) -> np.ndarray:
-    """(r, D) orthonormal directions of the groups' mean offsets over the neighbourhood
-    (``vectors``: (N, D) embeddings of ``nb.ids``); attributes without enough images are left out
-    (r = 0 when none has them)."""
+def local_directions(vectors: np.ndarray, nb: Neighbourhood, attrs) -> tuple[np.ndarray, list[str]]:
+    """((r, D) orthonormal directions, the attribute of each row): the groups' mean offsets over
+    the neighbourhood (``vectors``: (N, D) embeddings of ``nb.ids``), attribute by attribute, each
+    block orthogonal to the ones before (so each attribute's strength can be set on its own).
+    Attributes without enough images are left out (r = 0 when none has them)."""
     from saefe.labels.probes import orthonormal_basis
 
     x = np.asarray(vectors, dtype=np.float64)
-    rows = []
+    blocks = []
     for ag in attrs:
         if not nb.usable(ag.name):
             continue
         w = ag.member[nb.ids].astype(np.float64)  # (N, G): labels or probabilities
         means = (w.T @ x) / w.sum(axis=0)[:, None]
-        rows.append(orthonormal_basis(means - means.mean(axis=0, keepdims=True), len(ag.groups) - 1))
-    if not rows:
-        return np.zeros((0, x.shape[1]))
-    u = np.concatenate(rows, axis=0).astype(np.float64)
-    return orthonormal_basis(u, u.shape[0]).astype(np.float64)
+        blocks.append((ag.name, orthonormal_basis(means - means.mean(axis=0, keepdims=True), len(ag.groups) - 1)))
+    return stack_blocks(blocks, x.shape[1])
+
+
+def stack_blocks(blocks: Sequence[tuple[str, np.ndarray]], dim: int) -> tuple[np.ndarray, list[str]]:
+    """Stack per-attribute direction blocks into one orthonormal basis, each block made orthogonal
+    to the blocks before it (Gram-Schmidt by blocks); rows that vanish are dropped."""
+    from saefe.labels.probes import orthonormal_basis
+
+    rows: list[np.ndarray] = []
+    owner: list[str] = []
+    for name, b in blocks:
+        b = np.asarray(b, dtype=np.float64).reshape(-1, dim)
+        if rows:
+            prev = np.stack(rows)
+            b = b - (b @ prev.T) @ prev
+        b = orthonormal_basis(b, b.shape[0]).astype(np.float64) if len(b) else b
+        rows.extend(b)
+        owner.extend([name] * len(b))
+    return (np.stack(rows) if rows else np.zeros((0, dim))), owner
 
 
 def over_groups(attrs, targets: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, int]:
@@ -132,14 +148,13 @@ def feature_gaps(acts: np.ndarray, nb: Neighbourhood, attrs, over: dict[str, int
     return out
 
 
-def tied_features(gaps: dict[str, np.ndarray], weights: np.ndarray, threshold: float = DEFAULT_GAP_THRESHOLD) -> np.ndarray:
-    """(F,) bool: features whose weight pushes the results towards an over-represented group by
-    ``threshold`` standard deviations or more (w * d >= threshold * |w|)."""
-    w = np.asarray(weights, dtype=np.float64)
-    out = np.zeros(len(w), bool)
-    for d in gaps.values():
-        out |= (np.sign(w) * d) >= threshold
-    return out
+def tied_features(gaps: dict[str, np.ndarray], weights: np.ndarray,
+                  threshold: float = DEFAULT_GAP_THRESHOLD) -> dict[str, np.ndarray]:
+    """attribute -> (F,) bool: the features whose weight pushes the results towards that
+    attribute's over-represented group by ``threshold`` standard deviations or more
+    (w * d >= threshold * |w|)."""
+    w = np.sign(np.asarray(weights, dtype=np.float64))
+    return {a: (w * d) >= threshold for a, d in gaps.items()}
 
 
 def deviation(attrs, targets: dict[str, np.ndarray], ids: np.ndarray) -> float:
@@ -197,3 +212,18 @@ def calibrate(search_ids: Callable[[float], np.ndarray], attrs, targets: dict[st
         prev = float(lam)
     best = min(devs, key=lambda lam: (devs[lam], lam))
     return best, devs[best]
+
+
+def calibrate_each(search_ids: Callable[[dict[str, float]], np.ndarray], attrs, targets: dict[str, np.ndarray],
+                   tol: float, grid: Sequence[float], passes: int = 2) -> tuple[dict[str, float], float]:
+    """({attribute: strength}, deviation): :func:`calibrate` for one attribute at a time, each on
+    its own groups with the others' strengths held (two passes over several attributes), so that
+    fixing one attribute never overshoots another that a single shared strength would drag along."""
+    strengths = {ag.name: float(grid[0]) for ag in attrs}
+    for _ in range(passes if len(attrs) > 1 else 1):
+        for ag in attrs:
+            strengths[ag.name], _ = calibrate(lambda x: search_ids({**strengths, ag.name: x}), [ag], targets, tol, grid)
+        dev = deviation(attrs, targets, search_ids(strengths))
+        if dev <= tol:
+            break
+    return strengths, dev
