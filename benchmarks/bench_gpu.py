@@ -160,6 +160,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=27, help="vision/text depth (27 = SO400M; fewer for a smoke test)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--e2e-workers", default="0", help="comma list of --loader-workers to run the build with (0: one per core)")
+    ap.add_argument("--e2e-processes", default="", help="comma list of --loader-processes to run the build with too")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     out = Path(args.out)
@@ -187,6 +188,9 @@ def main() -> int:
             for w in args.e2e_workers.split(","):
                 key = "end_to_end" if w == "0" else f"end_to_end_workers_{w}"
                 results[key] = end_to_end(ckpt, imgs, out / "index", ["--loader-workers", w], args.device)
+            for w in [x for x in args.e2e_processes.split(",") if x]:
+                results[f"end_to_end_procs_{w}"] = end_to_end(ckpt, imgs, out / "index", ["--loader-processes", w],
+                                                               args.device)
         except Exception as e:  # noqa: BLE001
             results["end_to_end"] = {"error": repr(e)}
         print(json.dumps(results, indent=1), flush=True)
@@ -208,6 +212,9 @@ def main() -> int:
         if key.startswith("end_to_end_workers_") and "images_per_s" in val:
             print(f"| {results['card']} | saefe build, --loader-workers {key.rsplit('_', 1)[1]} | {val['images_per_s']:.0f} img/s wall, "
                   f"{val.get('embedded', 0) / max(val.get('embed_s', 1e9), 1e-9):.0f} while embedding |")
+        if key.startswith("end_to_end_procs_") and "images_per_s" in val:
+            print(f"| {results['card']} | saefe build, --loader-processes {key.rsplit('_', 1)[1]} | {val['images_per_s']:.0f} img/s "
+                  f"wall, {val.get('embedded', 0) / max(val.get('embed_s', 1e9), 1e-9):.0f} while embedding |")
     if "images_per_s" in e2e and "embed_s" in e2e:
         print(f"| {results['card']} | saefe build (default loader), while embedding | {e2e['embedded'] / e2e['embed_s']:.0f} img/s |")
     if "p50_ms" in se:

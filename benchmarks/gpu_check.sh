@@ -57,8 +57,8 @@ part() {
   echo >> "$SUMMARY"
 }
 
-# (a1) vision tower alone + today's single-process build end to end
-part a_model_and_build 270 $PY benchmarks/bench_gpu.py --parts model,e2e --images "$IMAGES" --batch 256 \
+# (a1) vision tower alone + the single-process build end to end: loader threads, then 14 loader processes
+part a_model_and_build 330 $PY benchmarks/bench_gpu.py --parts model,e2e --images "$IMAGES" --batch 256 --e2e-processes 14 \
   --layers "$LAYERS" --device "$DEVICE" --out "$WORK" --json "$OUT/a_model_and_build.json"
 # (a2) the Ray build's stage layout on the same checkpoint and JPEGs (15 decode workers -> GPU)
 if [ -d "$WORK/so400m-${LAYERS}l" ] && [ -d "$WORK/jpegs" ]; then

@@ -54,3 +54,43 @@ def test_chunk_loader_keeps_order_and_aligns_pixels(tmp_path, workers):
     # the pixels of row j are those of the j-th good item, whatever the thread count
     expect = _preprocess([decode_image((tmp_path / m["path"]).read_bytes(), draft_to=(64, 64)) for m in good])
     assert np.array_equal(px.numpy(), expect.numpy())
+
+
+def test_process_loader_gives_the_thread_loaders_items_and_pixels(tmp_path):
+    """Worker processes: the same items, skip reasons, metadata and pixels as the thread pool,
+    chunk by chunk (chunks asked for in the order given, batches never crossing a chunk)."""
+    from saefe.ingest.loader_procs import ProcessChunkLoader
+
+    for i in range(23):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(_jpeg(120 + 8 * i, 96, i))
+    (tmp_path / "07.jpg").write_bytes(b"not an image")
+    (tmp_path / "16.jpg").write_bytes(b"")
+    corpus = FolderCorpus.scan(tmp_path)
+    spans = [(10, 20), (0, 10), (20, 23)]  # a resumed build's todo list need not start at 0
+    with ChunkLoader(corpus, _preprocess, (64, 64), 2) as threads, \
+            ProcessChunkLoader(corpus, _preprocess, (64, 64), 2, spans, batch=4) as procs:
+        for lo, hi in spans:
+            want, want_px = threads.load(lo, hi)
+            got, got_px = procs.load(lo, hi)
+            assert [(i, m, r) for i, _, m, r in got] == [(i, m, r) for i, _, m, r in want]
+            assert [img is not None for _, img, _, _ in got] == [img is not None for _, img, _, _ in want]
+            assert np.array_equal(got_px.numpy(), want_px.numpy())
+
+
+def test_build_with_loader_processes_matches_the_thread_build(tmp_path):
+    from saefe.ingest.build import BuildConfig, build_index
+    from saefe.ingest.store import EmbeddingStore
+
+    for i in range(9):
+        (tmp_path / "img" / f"{i}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(_jpeg(96 + 8 * i, 64, i))
+    (tmp_path / "img" / "bad.jpg").write_bytes(b"junk")
+    (tmp_path / "img" / "copy.jpg").write_bytes((tmp_path / "img" / "3.jpg").read_bytes())
+    outs = {}
+    for name, procs in (("threads", 0), ("procs", 2)):
+        s = build_index(BuildConfig(images=str(tmp_path / "img"), out=str(tmp_path / name), model="demo",
+                                    chunk_size=4, loader_processes=procs, progress=False))
+        outs[name] = (EmbeddingStore.open(tmp_path / name), s)
+    (a, sa), (b, sb) = outs["threads"], outs["procs"]
+    assert a.metadata.equals(b.metadata) and np.array_equal(a.vectors_f32(), b.vectors_f32())
+    assert sa.skipped == sb.skipped and len(a) == 9

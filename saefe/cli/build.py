@@ -35,6 +35,9 @@ def build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=1024, help="images per committed chunk")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="threads reading, decoding and pre-processing ahead of the model (default: one per core)")
+    p.add_argument("--loader-processes", type=int, default=0, metavar="N",
+                   help="do that work in N worker processes instead (GPU builds, where Python in the loader "
+                        "threads limits: try one per core)")
     p.add_argument("--force", action="store_true",
                    help="re-embed everything (default on an existing index: update it, embedding only new and changed images)")
     ray = p.add_argument_group('distributed (pip install -e ".[distributed]")')
@@ -76,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> _build.BuildConfig:
                                  max_memory=parse_bytes(args.max_index_memory), min_speedup=args.min_speedup),
         chunk_size=args.chunk_size,
         loader_workers=args.loader_workers,
+        loader_processes=args.loader_processes,
         force=args.force,
         progress=not args.no_progress,
     )

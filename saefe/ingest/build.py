@@ -56,6 +56,7 @@ class BuildConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     chunk_size: int = 1024
     loader_workers: int = 0  # threads that read/decode/pre-process ahead of the model (0: one per core)
+    loader_processes: int = 0  # >0: that many worker processes instead (GPU builds; loader_procs.py)
     force: bool = False
     progress: bool = True
 
@@ -137,6 +138,8 @@ def build_index(cfg: BuildConfig, embedder: ChunkEmbedder | None = None) -> Buil
     embeds a first build's chunks (default: this process; ``--ray`` passes its pipeline)."""
     if cfg.chunk_size < 1:
         raise SaefeError("chunk size must be at least 1")
+    if cfg.loader_workers < 0 or cfg.loader_processes < 0:
+        raise SaefeError("--loader-workers and --loader-processes must be 0 or more")
     out = Path(cfg.out)
     if not (cfg.images or cfg.dataset or cfg.embeddings):
         raise SaefeError("no source: pass --images DIR, --dataset DIR or --embeddings FILE")
@@ -287,8 +290,7 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder: _Embedde
         return pool.load(cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size))
 
     draft = tuple(encoder.info.image_size) if (preprocess is not None and encoder.info.image_size) else None
-    with ChunkLoader(corpus, preprocess, draft, cfg.loader_workers, plan) as pool, \
-            ThreadPoolExecutor(max_workers=1) as prefetch:
+    with _loader(cfg, corpus, preprocess, draft, plan, todo) as pool, ThreadPoolExecutor(max_workers=1) as prefetch:
         future = prefetch.submit(load_chunk, pool, todo[0])
         for j, cid in enumerate(todo):
             items, px = future.result()
@@ -307,6 +309,20 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder: _Embedde
             bar.update(len(items))
     bar.close()
     return embedded
+
+
+def _loader(cfg, corpus, preprocess, draft, plan, todo: list[int]):
+    """The CPU side: worker processes when asked for and possible (a local model's pre-processing,
+    not an update), else the thread pool."""
+    if cfg.loader_processes > 0:
+        if preprocess is not None and plan is None:
+            from saefe.ingest.loader_procs import ProcessChunkLoader
+
+            n, cs = len(corpus), cfg.chunk_size
+            return ProcessChunkLoader(corpus, preprocess, draft, cfg.loader_processes,
+                                      [(c * cs, min(n, (c + 1) * cs)) for c in todo])
+        log.info("--loader-processes applies to a full build with a local model; using loader threads")
+    return ChunkLoader(corpus, preprocess, draft, cfg.loader_workers, plan)
 
 
 def triage(items: list, seen: set[str]) -> tuple[list, list[dict[str, Any]], list[bool]]:

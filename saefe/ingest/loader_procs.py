@@ -1,0 +1,95 @@
+"""The build's CPU side in worker processes (``saefe build --loader-processes N``), for GPU builds
+where the thread loader is the limit.
+
+Why. The thread loader (:mod:`saefe.ingest.loader`) scales while PIL, hashlib and numpy hold no
+GIL, but the per-item Python around them (reading, metadata, the resize call, torch glue) does:
+on an H100 it fed SO400M@384 at 141-169 images/s against the model's 462 (docs/SCALING.md), with
+16 cores mostly idle. Processes have a GIL each. torch's DataLoader runs them (a well-kept pool
+with ordered prefetch, worker shutdown and shared-memory tensors for the pixels): every worker
+reads, hashes, decodes (JPEG draft) and resizes whole batches of one chunk to uint8, and the
+main process only stacks them and runs the model.
+
+The workers return each item's metadata and skip reason exactly as :func:`loader.load_item` makes
+them, and a ``True`` in place of the decoded image (the images stay in the workers; only their
+pixels travel), so ``build.triage`` and the commit path are the thread loader's. Updates (an
+index that reuses old vectors) keep the thread loader: their reuse plan lives in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator, Sequence
+
+from saefe.ingest.corpus import ImageCorpus
+from saefe.ingest.loader import Item, load_item
+
+log = logging.getLogger(__name__)
+
+BATCH = 16  # items per worker task: amortises the IPC, small enough to keep every worker busy
+
+
+class _Items:
+    """torch map-style dataset: item i -> (its Item with ``True`` for the image, uint8 pixels or None)."""
+
+    def __init__(self, corpus: ImageCorpus, preprocess: Callable[[Sequence[Any]], Any], draft_to):
+        self.corpus, self.preprocess, self.draft_to = corpus, preprocess, draft_to
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, i: int):
+        idx, img, meta, reason = load_item(self.corpus, int(i), self.draft_to)
+        if img is None:
+            return (idx, None, meta, reason), None
+        try:
+            px = self.preprocess([img])[0]
+        except Exception as e:  # noqa: BLE001 - an image the processor cannot take is a skip
+            return (idx, None, meta, f"unprocessable image ({type(e).__name__})"), None
+        return (idx, True, meta, None), px
+
+
+def _collate(batch: list) -> tuple[list[Item], Any]:
+    import torch
+
+    items = [b[0] for b in batch]
+    px = [b[1] for b in batch if b[1] is not None]
+    return items, (torch.stack(px) if px else None)
+
+
+class ProcessChunkLoader:
+    """``load(lo, hi)`` like :class:`loader.ChunkLoader`, for the chunk ranges given up front (in
+    the order they will be asked for); ``processes`` DataLoader workers decode ahead."""
+
+    def __init__(self, corpus: ImageCorpus, preprocess: Callable[[Sequence[Any]], Any], draft_to,
+                 processes: int, spans: Sequence[tuple[int, int]], batch: int = BATCH, prefetch: int = 4):
+        from torch.utils.data import DataLoader
+
+        batches = [list(range(s, min(b, s + batch))) for a, b in spans for s in range(a, b, batch)]
+        self._loader = DataLoader(_Items(corpus, preprocess, draft_to), batch_sampler=batches,
+                                  num_workers=processes, collate_fn=_collate, prefetch_factor=prefetch)
+        self._it: Iterator | None = iter(self._loader)  # the workers start here, before any thread
+        self._pending: list[tuple[list[Item], Any]] = []
+
+    def load(self, lo: int, hi: int) -> tuple[list[Item], Any]:
+        import torch
+
+        items: list[Item] = []
+        rows = []
+        while len(items) < hi - lo:
+            got, px = next(self._it)
+            if got and not lo <= got[0][0] < hi:
+                raise RuntimeError(f"loader out of step: item {got[0][0]} while loading {lo}..{hi - 1}")
+            items += got
+            if px is not None:
+                rows.append(px)
+        return items, (torch.cat(rows) if rows else None)
+
+    def close(self) -> None:
+        self._it = None  # the DataLoader iterator shuts its workers down when it goes
+        self._loader = None
+
+    def __enter__(self) -> "ProcessChunkLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
