@@ -65,7 +65,9 @@ def describe(info) -> str:
              + ", ".join(f"{a} ({info.sources[a]})" for a in info.protect) + " · target "
              + "; ".join(", ".join(f"{g} {s:.0%}" for g, s in t.items()) for t in info.targets.values())]
     if info.ablated:
-        parts.append(f"ablated {len(info.ablated)} features: " + ", ".join(f"f{f}" for f in info.ablated[:10]))
+        strength = info.ablation.get("strength", 1.0) if info.ablation else 1.0
+        parts.append(f"took {strength:.0%} of the weight of {len(info.ablated)} features: "
+                     + ", ".join(f"f{f}" for f in info.ablated[:10]) + (", …" if len(info.ablated) > 10 else ""))
     if info.projection:
         p = info.projection
         parts.append(f"projection λ {p['lambda']:.2f}, cosine to the query {p['cosine_to_query']:.3f}")
