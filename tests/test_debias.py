@@ -189,6 +189,18 @@ def test_project_returns_a_query_orthogonal_to_the_directions(eng, monkeypatch):
     assert res.info.met == (dev <= dmod.DEFAULT_TOLERANCE)
 
 
+@pytest.mark.parametrize("method", ["ablate", "project"])
+def test_two_attributes_get_a_strength_each(eng, method):
+    from saefe.search import debias as dmod
+
+    res = eng.search([Term("label", "Esteem")], k=20, debias=DebiasConfig.parse(method, "gender,age"))
+    got = res.info.ablation["strengths"] if method == "ablate" else res.info.projection["lambdas"]
+    assert set(got) == {"gender", "age"} and all(v >= 0 for v in got.values())
+    ags = eng.demographics.require(["gender", "age"])
+    dev = dmod.deviation(ags, dmod.resolve_targets("corpus", ags), local_ids(eng, res))
+    assert res.info.met == (dev <= dmod.DEFAULT_TOLERANCE)
+
+
 def test_project_refuses_features_mode(eng):
     with pytest.raises(SaefeError, match="use --mode direction"):
         eng.search([Term("label", "Esteem")], k=5, mode="features", debias=DebiasConfig.parse("project", "gender"))
