@@ -94,3 +94,39 @@ def test_build_with_loader_processes_matches_the_thread_build(tmp_path):
     (a, sa), (b, sb) = outs["threads"], outs["procs"]
     assert a.metadata.equals(b.metadata) and np.array_equal(a.vectors_f32(), b.vectors_f32())
     assert sa.skipped == sb.skipped and len(a) == 9
+
+
+def test_a_dead_loader_process_is_one_line_and_the_build_resumes(tmp_path, monkeypatch):
+    """A worker killed mid-build (OOM, a decoder crash): one SaefeError, the chunks committed
+    before it stay, and the same command finishes the rest without redoing them."""
+    import os
+    import time
+
+    from saefe.errors import SaefeError
+    from saefe.ingest import loader_procs
+    from saefe.ingest.build import BuildConfig, build_index
+    from saefe.ingest.store import EmbeddingStore
+
+    for i in range(12):
+        (tmp_path / "img" / f"{i:02d}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "img" / f"{i:02d}.jpg").write_bytes(_jpeg(96 + 8 * i, 64, i))
+    real = loader_procs._Items.__getitem__
+
+    def dies_on_9(self, i):
+        if int(i) == 9:  # in the worker process, once chunk 0 is on disk: as an OOM kill would
+            for _ in range(600):
+                if list((tmp_path / "out").rglob("000000.json")):
+                    break
+                time.sleep(0.05)
+            os._exit(1)
+        return real(self, i)
+
+    cfg = BuildConfig(images=str(tmp_path / "img"), out=str(tmp_path / "out"), model="demo", chunk_size=4,
+                      loader_processes=2, progress=False)
+    monkeypatch.setattr(loader_procs._Items, "__getitem__", dies_on_9)
+    with pytest.raises(SaefeError, match="loader worker process died"):
+        build_index(cfg)
+    monkeypatch.setattr(loader_procs._Items, "__getitem__", real)
+    s = build_index(cfg)
+    assert s.count == 12 and s.embedded_now <= 8  # chunk 0 (and perhaps chunk 1) was kept, not redone
+    assert len(EmbeddingStore.open(tmp_path / "out")) == 12

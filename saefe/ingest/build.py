@@ -29,6 +29,7 @@ from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, read
 from saefe.ingest.cost import CostEstimate, format_rate
 from saefe.ingest.index import KINDS, IndexConfig, VectorIndex, build_saved_index
 from saefe.ingest.loader import REUSE, ChunkLoader
+from saefe.ingest.loader_procs import worker_deaths
 from saefe.ingest.models import canonical_model_id
 from saefe.ingest.store import ChunkWriter, read_manifest, write_manifest, write_store
 from saefe.manifest import FORMAT_VERSION, EncoderInfo
@@ -290,7 +291,8 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder: _Embedde
         return pool.load(cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size))
 
     draft = tuple(encoder.info.image_size) if (preprocess is not None and encoder.info.image_size) else None
-    with _loader(cfg, corpus, preprocess, draft, plan, todo) as pool, ThreadPoolExecutor(max_workers=1) as prefetch:
+    with _loader(cfg, corpus, preprocess, draft, plan, todo) as pool, ThreadPoolExecutor(max_workers=1) as prefetch, \
+            worker_deaths():
         future = prefetch.submit(load_chunk, pool, todo[0])
         for j, cid in enumerate(todo):
             items, px = future.result()

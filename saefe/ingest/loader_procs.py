@@ -18,8 +18,10 @@ index that reuses old vectors) keep the thread loader: their reuse plan lives in
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
+from saefe.errors import SaefeError
 from saefe.ingest.corpus import ImageCorpus
 from saefe.ingest.loader import Item, load_item
 
@@ -56,6 +58,29 @@ def _collate(batch: list) -> tuple[list[Item], Any]:
     return items, (torch.stack(px) if px else None)
 
 
+def _death(e: BaseException) -> SaefeError | None:
+    """The one-line error for torch's report of a dead worker process; None for anything else."""
+    if not isinstance(e, RuntimeError) or "DataLoader worker" not in str(e):
+        return None
+    return SaefeError(f"a loader worker process died ({str(e).splitlines()[0][:160]}); the chunks committed "
+                      "before it are kept: run the same command again to resume (with fewer --loader-processes "
+                      "if memory ran out)")
+
+
+@contextmanager
+def worker_deaths() -> Iterator[None]:
+    """Around the loop that uses a ProcessChunkLoader: torch reports a dead worker from its
+    SIGCHLD handler, i.e. in whatever the main thread is doing (waiting for a chunk, embedding);
+    this turns that report into the one-line error."""
+    try:
+        yield
+    except RuntimeError as e:
+        err = _death(e)
+        if err is None:
+            raise
+        raise err from None
+
+
 class ProcessChunkLoader:
     """``load(lo, hi)`` like :class:`loader.ChunkLoader`, for the chunk ranges given up front (in
     the order they will be asked for); ``processes`` DataLoader workers decode ahead."""
@@ -76,7 +101,12 @@ class ProcessChunkLoader:
         items: list[Item] = []
         rows = []
         while len(items) < hi - lo:
-            got, px = next(self._it)
+            try:
+                got, px = next(self._it)
+            except StopIteration:
+                raise RuntimeError(f"loader out of step: no batch left for items {lo}..{hi - 1}") from None
+            except RuntimeError as e:  # torch: "DataLoader worker (pid N) exited unexpectedly ..."
+                raise _death(e) or e from None
             if got and not lo <= got[0][0] < hi:
                 raise RuntimeError(f"loader out of step: item {got[0][0]} while loading {lo}..{hi - 1}")
             items += got
