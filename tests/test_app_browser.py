@@ -11,7 +11,6 @@ docs/screenshots from the full demo index::
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 

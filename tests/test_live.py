@@ -3,7 +3,6 @@ file names, filters and paging over HTTP."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np

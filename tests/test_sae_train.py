@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from saefe.errors import CorpusError, IncompatibleError, SaefeError
+from saefe.errors import CorpusError, SaefeError
 from saefe.manifest import EncoderInfo
 from saefe.sae.model import TopKSAE
 from saefe.sae.metrics import atoms_recovered, evaluate, planted_data

@@ -20,12 +20,9 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import re
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence

@@ -14,7 +14,6 @@ Python API (the Gradio app uses it)::
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 
 import saefe.sae.train as _train
 import saefe.sae.original as _import

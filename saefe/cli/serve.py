@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 
 import saefe.serve.clip_server as _clip
 import saefe.serve.backend_server as _backend

@@ -14,7 +14,6 @@ A first build writes its files at the top level (``data_dir`` absent = ".").
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field

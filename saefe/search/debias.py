@@ -276,7 +276,8 @@ def project(q: np.ndarray, u: np.ndarray, lam) -> np.ndarray:
 
 def debiased_search(engine, terms, k: int, mode: str, cfg: DebiasConfig) -> DebiasedResults:
     """``engine.search`` with ``cfg`` applied; see the module docstring."""
-    from saefe.search.engine import MIX_KINDS, TERM_KINDS, _check_k
+    from saefe.search.engine import _check_k
+    from saefe.search.types import MIX_KINDS, TERM_KINDS
     from saefe.search.mix import check_weight
 
     t0 = time.perf_counter()

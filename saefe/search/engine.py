@@ -12,14 +12,11 @@ feature mixes) in two modes:
 
 from __future__ import annotations
 
-import io
 import logging
-import math
 import os
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -28,7 +25,7 @@ from saefe.manifest import EncoderInfo
 from saefe.search.mix import check_weight as _check_weight
 from saefe.ingest.store import EmbeddingStore
 from saefe.labels.attributes import ATTRIBUTES
-from saefe.search.types import MIX_KINDS, MODES, TERM_KINDS, FeatureReport, SearchResult, Term
+from saefe.search.types import MODES, TERM_KINDS, FeatureReport, SearchResult, Term
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from saefe.serve.clip_server import METRICS_KEY, Metrics, metrics_response, serve_forever
+from saefe.serve.clip_server import METRICS_KEY, Metrics, metrics_response, serve_forever  # noqa: F401 (cli.serve runs it)
 
 log = logging.getLogger(__name__)
 
