@@ -95,3 +95,14 @@ def test_no_stage_imports_the_demo():
         if name.split(".")[1:2] and name.split(".")[1] in STAGES:
             text = path.read_text()
             assert "saefe.demo" not in text, f"{name} imports the demo"
+
+
+def test_tests_mirror_the_package():
+    """Each test module sits in the folder of the stage it tests (tests/<sub-package>/), shared
+    builders in tests/fixtures/; only package-wide checks (this file) stay at the top."""
+    tests = Path(__file__).resolve().parent
+    subpackages = {p.name for p in PKG.iterdir() if (p / "__init__.py").exists()}
+    for p in tests.rglob("test_*.py"):
+        rel = p.relative_to(tests)
+        assert len(rel.parts) == 2 and rel.parts[0] in subpackages or rel == Path("test_layout.py"), \
+            f"tests/{rel} should sit in tests/<stage>/ for one of {sorted(subpackages)}"

@@ -91,7 +91,7 @@ def test_overlay(image):
 
 
 def test_cli_writes_png(tmp_path, image, capsys):
-    from test_engine import build_synthetic  # noqa: E402  (tests/ is on sys.path under pytest)
+    from fixtures.synthetic import build_synthetic
 
     from saefe.cli.main import main
     from saefe.ingest.encoder import SiglipEncoder

@@ -20,7 +20,7 @@ from saefe.ingest.distributed.runner import build_with_ray  # noqa: E402
 from saefe.ingest.distributed.writer import ShardAssembler, ShardStage  # noqa: E402
 from saefe.ingest.store import ChunkWriter  # noqa: E402
 
-from test_build import make_folder  # noqa: E402
+from fixtures.folders import make_folder  # noqa: E402
 
 CHUNK = 7
 
@@ -171,7 +171,7 @@ def test_ray_update_follows_the_same_plan_as_a_plain_update(cluster, corpus, tmp
     import os
     import shutil
 
-    from test_build import _img
+    from fixtures.folders import _img
 
     results = {}
     for mode in ("plain", "ray"):

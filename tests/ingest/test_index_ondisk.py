@@ -104,7 +104,7 @@ def test_tiny_corpora_drop_opq_and_shrink_codes():
 
 def test_cli_build_with_ondisk_index(tmp_path, capsys):
     from saefe.cli.main import main as cli
-    from test_build import make_folder
+    from fixtures.folders import make_folder
 
     root = make_folder(tmp_path / "corpus")
     out = tmp_path / "index"

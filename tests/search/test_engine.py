@@ -16,63 +16,7 @@ from saefe.search.engine import Engine, Term
 from saefe.errors import IncompatibleError, SaefeError, SteeringError
 from saefe.search.feature_rank import FeatureRanker, brute_force_rank
 
-LABELS = ["Kid", "Teenager", "Adult", "Male", "Female", "Esteem", "Happiness", "Sadness"]
-
-
-def build_synthetic(root, info, n: int = 400, seed: int = 0):
-    """A complete index dir + SAE dir for ``info`` (the demo encoder's EncoderInfo): vectors made
-    of label directions plus noise, an SAE whose first features are those directions, label
-    profiles, attributes.parquet and an EMOTIC-style annotations CSV. Returns (index_dir, sae_dir, csv)."""
-    import torch
-
-    from saefe.labels.annotations import read_annotations
-    from saefe.labels.attributes import set_default_sae, write_attributes
-    from saefe.ingest.index import IndexConfig, VectorIndex
-    from saefe.labels.profiles import build_profiles
-    from saefe.sae.model import SAEConfig, TopKSAE
-    from saefe.ingest.store import write_store
-
-    rng = np.random.default_rng(seed)
-    d = info.embedding_dim
-    gender = rng.integers(0, 2, n)
-    age = rng.integers(0, 3, n)
-    emo = rng.integers(0, 3, n)
-    m = np.zeros((n, len(LABELS)), bool)
-    m[np.arange(n), age] = True
-    m[np.arange(n), 3 + gender] = True
-    m[np.arange(n), 5 + emo] = True
-    dirs = rng.normal(size=(len(LABELS), d)).astype(np.float32)
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    x = m.astype(np.float32) @ dirs + 0.6 * rng.normal(size=(n, d)).astype(np.float32) / math.sqrt(d) * 3
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    index_dir, sae_dir = root / "index", root / "weights"
-    names = [f"img_{i:05d}.png" for i in range(n)]
-    store = write_store(index_dir, x, pd.DataFrame({"path": names}), info)
-    VectorIndex.build(x, IndexConfig(kind="flat")).save(index_dir)
-
-    torch.manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_emb=d, d_hidden=64, top_k=8, up_proj_bias=True, pre_bias=False), info)
-    with torch.no_grad():
-        sae.up_proj.weight[: len(LABELS)] = torch.from_numpy(dirs) * 2
-        sae.down_proj.weight[:, : len(LABELS)] = torch.from_numpy(dirs.T)
-        sae.up_proj.bias.zero_()
-    sae.save_pretrained(sae_dir)
-
-    df = pd.DataFrame({"Filename": names})
-    for j, lab in enumerate(LABELS):
-        if lab not in ("Male", "Female", "Kid", "Teenager", "Adult"):
-            df[lab] = m[:, j].astype(int)
-    df["Gender"] = np.where(gender == 0, "Male", "Female")
-    df["Age"] = np.array(["Kid", "Teenager", "Adult"])[age]
-    csv = root / "annotations.csv"
-    df.to_csv(csv, index=False)
-    membership = read_annotations(csv, store)
-    sae = TopKSAE.from_pretrained(sae_dir)
-    build_profiles(store, sae, membership, sae_dir=sae_dir).save(sae_dir / "labels")
-    write_attributes(store, membership)
-    set_default_sae(store, sae_dir)
-    return index_dir, sae_dir, csv
-
+from fixtures.synthetic import LABELS, build_synthetic  # noqa: F401
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory, demo_encoder):

@@ -19,7 +19,7 @@ from saefe.search.engine import Engine, Term
 @pytest.fixture(scope="module")
 def synth_bias(tmp_path_factory, demo_encoder):
     """(labelled index, SAE dir, the same images as an index with no labels at all)."""
-    from test_engine import build_synthetic  # noqa: E402  (tests/ is on sys.path under pytest)
+    from fixtures.synthetic import build_synthetic
 
     from saefe.analysis.audit import fit_bias_models
     from saefe.ingest.store import EmbeddingStore

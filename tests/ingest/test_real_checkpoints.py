@@ -23,7 +23,7 @@ from PIL import Image
 
 from saefe.errors import ModelLoadError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FLAVOURS = ["siglip", "siglip2"]
 # What transformers says while loading that users need not see (shown with -v).
 NOTICES = ("UNEXPECTED", "requires torchvision", "must be `None` or an integer", "Loading weights", "Traceback")

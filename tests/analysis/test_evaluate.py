@@ -12,7 +12,7 @@ from saefe.errors import SaefeError
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory, demo_encoder):
-    from test_engine import build_synthetic  # noqa: E402  (tests/ is on sys.path under pytest)
+    from fixtures.synthetic import build_synthetic
 
     return build_synthetic(tmp_path_factory.mktemp("synth_eval"), demo_encoder.info, n=300, seed=1)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app_api import launch_app, small_demo
+from fixtures.app import launch_app, small_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -8,7 +8,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from test_app_api import launch_app, small_demo
+from fixtures.app import launch_app, small_demo
 
 pytestmark = pytest.mark.slow
 

@@ -23,33 +23,9 @@ from saefe.errors import CorpusError, IncompatibleError, ModelLoadError
 from saefe.ingest.index import IndexConfig, VectorIndex
 from saefe.ingest.store import EmbeddingStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
-
-def _img(seed: int, size=(40, 32)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, 3)
-    a = np.clip(base + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(a)
-
-
-def make_folder(root: Path, n: int = 20, bad: bool = True) -> Path:
-    (root / "sub" / "deeper").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        where = root / ("sub" if i % 3 == 0 else "") / ("deeper" if i % 5 == 0 else "")
-        where.mkdir(parents=True, exist_ok=True)
-        _img(i).save(where / f"img_{i:03d}.{'png' if i % 2 else 'jpg'}")
-    if bad:
-        (root / "zero.jpg").write_bytes(b"")
-        (root / "page.png").write_text("<html>not found</html>")
-        good = (root / "img_001.png").read_bytes()
-        buf = io.BytesIO()
-        _img(99, (300, 300)).save(buf, "JPEG")
-        (root / "trunc.jpg").write_bytes(buf.getvalue()[:2000])
-        (root / "copy_of_1.png").write_bytes(good)  # exact duplicate
-        Image.new("CMYK", (30, 30), (0, 90, 200, 10)).save(root / "cmyk.jpg")
-        (root / "notes.txt").write_text("ignored: not an image extension")
-    return root
+from fixtures.folders import _img, make_folder  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

@@ -7,45 +7,13 @@ launched on a free localhost port in a thread.
 from __future__ import annotations
 
 import json
-import socket
-import time
 from pathlib import Path
 
 import pytest
 
+from fixtures.app import free_port, launch_app, small_demo  # noqa: E402,F401
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def small_demo(tmp_path_factory) -> tuple[Path, Path]:
-    """Build (once per session; shared with the browser test) a 600-image demo index + SAE."""
-    root = tmp_path_factory.getbasetemp() / "app_demo"
-    index, weights = root / "index", root / "weights"
-    done = root / "BUILT"
-    if not done.exists():
-        from saefe.demo.pipeline import DemoBuildConfig, build_demo
-        from saefe.ingest.build import BuildConfig
-
-        t0 = time.time()
-        build_demo(DemoBuildConfig(build=BuildConfig(out=str(index), progress=False), sae_out=str(weights), n=600))
-        print(f"small demo index built in {time.time() - t0:.1f}s")
-        done.write_text("ok")
-    return index, weights
-
-
-def launch_app(index: Path, weights: Path | None = None):
-    from saefe.serve.app import launch
-    from saefe.search.engine import Engine
-
-    engine = Engine.open(index, sae_dir=weights)
-    port = free_port()
-    demo, app = launch(engine, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    return demo, app, f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="session")
@@ -266,7 +234,7 @@ def test_ui_handlers_slider_semantics(served):
 def test_launcher_message_without_index(tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("app_gradio", Path(__file__).resolve().parents[1] / "app_gradio.py")
+    spec = importlib.util.spec_from_file_location("app_gradio", Path(__file__).resolve().parents[2] / "app_gradio.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--index", str(tmp_path / "nothing")]) == 2
