@@ -6,7 +6,6 @@ import base64
 import hashlib
 import io
 import json
-import socket
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +18,8 @@ from saefe.remote.backend_client import RemoteBackend
 from saefe.serve.backend_server import make_app
 from saefe.serve.clip_server import start_in_thread
 from saefe.errors import IncompatibleError, RemoteError
+
+from fixtures.app import dead_url
 
 FAST = dict(retries=2, backoff=0.01, max_backoff=0.02, timeout=10)
 D, N = 16, 40
@@ -72,6 +73,7 @@ def _png(color=(200, 30, 30)):
     return buf.getvalue()
 
 
+
 @pytest.fixture(scope="module")
 def engine():
     return FakeEngine()
@@ -82,14 +84,6 @@ def backend_url(engine):
     url, stop = start_in_thread(make_app(engine))
     yield url
     stop()
-
-
-def _dead_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
 
 
 def _stub(routes):
@@ -201,7 +195,7 @@ def test_client_checks_dimension_and_terms(backend_url):
 # -- client failures ---------------------------------------------------------------------------
 def test_client_server_down():
     with pytest.raises(RemoteError, match=r"cannot reach backend at http://127\.0\.0\.1:\d+: Connection refused"):
-        RemoteBackend(_dead_url(), **FAST)
+        RemoteBackend(dead_url(), **FAST)
 
 
 def test_client_500_and_malformed_replies():
@@ -309,7 +303,7 @@ def test_serve_backend_cli(real_index, demo_encoder):
     from saefe.cli.main import main
     from saefe.search.engine import Engine
 
-    url = _dead_url()
+    url = dead_url()
     port = url.rsplit(":", 1)[1]
     threading.Thread(target=main, args=(["serve-backend", "--index", str(real_index), "--port", port],),
                      daemon=True).start()

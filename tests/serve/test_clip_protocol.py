@@ -19,6 +19,8 @@ from saefe.serve.clip_server import Metrics, make_app, start_in_thread
 from saefe.errors import IncompatibleError, RemoteError
 from saefe.manifest import EncoderInfo
 
+from fixtures.app import dead_url
+
 FAST = dict(retries=2, backoff=0.01, max_backoff=0.02, timeout=10)
 
 
@@ -42,19 +44,12 @@ def _post(url, obj):
                          headers={"Content-Type": "application/msgpack"}, timeout=30)
 
 
+
 @pytest.fixture(scope="module")
 def clip_url(demo_encoder):
     url, stop = start_in_thread(make_app(demo_encoder, batch=4))
     yield url
     stop()
-
-
-def _dead_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nobody listens here now
-    return f"http://127.0.0.1:{port}"
 
 
 def _stub(routes: dict) -> tuple[str, callable]:
@@ -204,7 +199,7 @@ def test_health_stays_responsive_while_model_busy():
 
 # -- client failures ---------------------------------------------------------------------------
 def test_client_server_down():
-    url = _dead_url()
+    url = dead_url()
     t0 = time.perf_counter()
     with pytest.raises(RemoteError, match=r"cannot reach clip_server at http://127\.0\.0\.1:\d+: Connection refused \(tried 3 times\)$"):
         ClipServerEncoder(url, **FAST)
@@ -341,7 +336,7 @@ def test_serve_clip_cli(saefe_home, demo_encoder):
     """`saefe serve-clip` end to end (in a daemon thread: a subprocess would re-import torch)."""
     from saefe.cli.main import main
 
-    url = _dead_url()
+    url = dead_url()
     port = url.rsplit(":", 1)[1]
     threading.Thread(target=main, args=(["serve-clip", "--model", "demo", "--port", port, "--batch", "2"],),
                      daemon=True).start()
