@@ -89,9 +89,14 @@ def add_debias_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--debias", metavar="METHOD", help=f"{', '.join(METHODS)} or a combination like ablate+rerank")
     d.add_argument("--protect", metavar="ATTR[,ATTR]", help="protected attributes, e.g. gender or gender,age")
     d.add_argument("--target", default="corpus", help="group shares to aim for: corpus (default), parity or Male=0.5,Female=0.5")
-    d.add_argument("--pool", type=int, default=DEFAULT_POOL, help=f"rerank: candidates re-ranked (default {DEFAULT_POOL})")
-    d.add_argument("--ablate-threshold", type=float, help="ablate: |excess share| that ties a feature to the attribute (0.2)")
-    d.add_argument("--no-calibrate", action="store_true", help="project: plain projection instead of the smallest one that meets the target")
+    d.add_argument("--pool", type=int, default=DEFAULT_POOL,
+                   help=f"rerank: candidates re-ranked; ablate/project: where the query's neighbourhood is sought (default {DEFAULT_POOL})")
+    d.add_argument("--ablate-threshold", type=float,
+                   help="ablate: corpus-wide |excess share| that ties a feature to the attribute (0.2); features that "
+                        "separate the groups among the query's nearest images (Cohen's d >= 0.5) are tied too")
+    d.add_argument("--no-calibrate", action="store_true",
+                   help="ablate/project at full strength (features removed, plain projection) instead of the least "
+                        "strength that meets the target")
 
 
 def debias_from_args(args: argparse.Namespace):
