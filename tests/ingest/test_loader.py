@@ -130,3 +130,14 @@ def test_a_dead_loader_process_is_one_line_and_the_build_resumes(tmp_path, monke
     s = build_index(cfg)
     assert s.count == 12 and s.embedded_now <= 8  # chunk 0 (and perhaps chunk 1) was kept, not redone
     assert len(EmbeddingStore.open(tmp_path / "out")) == 12
+
+
+@pytest.mark.parametrize("flag", ["--loader-processes", "--loader-workers"])
+def test_negative_loader_counts_are_one_line_errors(tmp_path, capsys, flag):
+    from saefe.cli.main import main as cli
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(_jpeg(64, 64, 0))
+    rc = cli(["build", "--images", str(tmp_path / "img"), "--out", str(tmp_path / "out"), "--model", "demo", flag, "-1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "must be 0 or more" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -183,6 +183,25 @@ def built(tmp_path_factory, standins):
 
 
 @pytest.mark.slow
+def test_loader_processes_build_by_hub_id_matches_the_thread_build(built, standins, tmp_path):
+    """`--loader-processes` on the user's path: a SigLIP checkpoint from the HF cache by hub id, a
+    folder with a corrupt file; the same rows, skips and vectors as the thread loader's build."""
+    from saefe.ingest.store import EmbeddingStore
+
+    ref, _ = built("siglip")
+    out = tmp_path / "procs"
+    photos_dir = json.loads((ref / "manifest.json").read_text())["corpus_root"]  # the fixture's folder
+    p = run(["scripts/build_index.py", "--images", photos_dir, "--model", standins.hub_id("siglip"), "--out", str(out), "--no-progress", "--loader-processes", "2"],
+            env={"HF_HOME": str(standins.hf_home)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "broken.jpg" in p.stderr and "Traceback" not in p.stderr
+    a, b = EmbeddingStore.open(ref), EmbeddingStore.open(out)
+    assert list(a.metadata["path"]) == list(b.metadata["path"]) and len(b) == 3
+    assert np.array_equal(a.vectors_f32(), b.vectors_f32())
+    assert json.loads((ref / "manifest.json").read_text())["skipped"] == json.loads((out / "manifest.json").read_text())["skipped"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_readme_build_and_text_search_by_hub_id_offline(built, offline_hub, flavour, capsys):
     standins = offline_hub

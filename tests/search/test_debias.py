@@ -90,6 +90,23 @@ def test_index_without_labels_gets_estimates_marked_as_such(synth_bias):
     assert rep["gender"]["estimated"] is True and rep["gender"]["source"] == "estimates"
 
 
+@pytest.mark.parametrize("method", ["ablate", "project"])
+def test_ablate_and_project_work_from_estimates_alone(synth_bias, method):
+    """An index with no labels at all: the query's neighbourhood is measured with the probes'
+    estimates, and the response says so."""
+    from saefe.search import debias as dmod
+
+    _, sae_dir, plain = synth_bias
+    e = Engine.open(plain, sae_dir=sae_dir)
+    res = e.search([Term("label", "Esteem")], k=20, debias=DebiasConfig.parse(method, "gender"))
+    assert len(res) == 20 and res.info.sources == {"gender": "estimates"} and res.info.estimated == {"gender": True}
+    part = res.info.ablation if method == "ablate" else res.info.projection
+    assert part["neighbourhood"] > 0 and part["calibrated"]
+    ag = e.demographics.require(["gender"])
+    assert res.info.met == (dmod.deviation(ag, dmod.resolve_targets("corpus", ag), local_ids(e, res))
+                            <= dmod.DEFAULT_TOLERANCE)
+
+
 def test_labels_win_over_estimates_row_by_row():
     from saefe.labels.demographics import Demographics
 
