@@ -40,10 +40,14 @@ def build_arguments(p: argparse.ArgumentParser) -> None:
                         "threads limits: try one per core)")
     p.add_argument("--force", action="store_true",
                    help="re-embed everything (default on an existing index: update it, embedding only new and changed images)")
+    from saefe.ingest.distributed.distributor import RayConfig
+
     ray = p.add_argument_group('distributed (pip install -e ".[distributed]")')
     ray.add_argument("--ray", metavar="ADDRESS", help="embed on Ray: 'local' starts it here, 'auto' or ray://host:port joins a cluster")
     ray.add_argument("--ray-cpus", type=int, default=None, help="--ray local: CPUs Ray may use (default all)")
     ray.add_argument("--ray-batch-size", type=int, default=0, help="images per model call (default 256 on GPUs, 64 on CPUs)")
+    ray.add_argument("--ray-task-size", type=int, default=RayConfig.task_size,
+                     help=f"images per decode task (default {RayConfig.task_size}; a chunk is cut into tasks)")
     p.add_argument("--no-progress", action="store_true")
     demo = p.add_argument_group("demo")
     demo.add_argument("--demo-n", type=int, default=3000, help="demo corpus size")
@@ -98,7 +102,10 @@ def run_build(args: argparse.Namespace) -> int:
         from saefe.ingest.distributed.distributor import RayConfig
         from saefe.ingest.distributed.runner import build_with_ray
 
-        summary = build_with_ray(cfg, RayConfig(address=args.ray, num_cpus=args.ray_cpus, embed_batch_size=args.ray_batch_size))
+        if args.ray_task_size < 1:
+            raise SaefeError("--ray-task-size must be at least 1")
+        summary = build_with_ray(cfg, RayConfig(address=args.ray, num_cpus=args.ray_cpus, embed_batch_size=args.ray_batch_size,
+                                                task_size=args.ray_task_size))
     else:
         summary = _build.build_index(cfg)
     print("\n".join(summary.lines()))

@@ -30,8 +30,8 @@ class RayConfig:
     num_gpus: int | None = None  # local only (default: what Ray detects)
     object_store_memory: int | None = None  # local only, bytes (default: Ray's, 30% of RAM)
     embed_batch_size: int = 0  # rows per model call; 0 = 256 on GPUs, 64 on CPUs
-    # items per decode task (a chunk is cut into tasks; it commits whole). 512, not 128: on 2 CPUs
-    # a 12k-image build streams at ~940 img/s instead of ~620 (fewer, longer tasks; bench_ray_build.py)
+    # items per decode task (a chunk is cut into tasks; it commits whole). 512, not 128: fewer,
+    # longer tasks; on 2 CPUs a 12k-image build takes 25.0 s instead of 31.7 s (bench_ray_build.py)
     task_size: int = 512
     decode_actors: int = 0  # 0 = every CPU not taken by a CPU model actor
     fused: bool | None = None  # CPU-only clusters: decode and embed in one actor (default yes)
@@ -56,7 +56,8 @@ def _checkout_on_path() -> Iterator[None]:
     """While a local Ray starts: this checkout first on PYTHONPATH, so its workers import this
     saefe whatever is installed. A local raylet and its workers inherit this process' environment
     (the offline settings included), so no runtime env is needed: one would cost every worker
-    process ~0.5 s to set up (measured on 2 CPUs: actors ready in 0.83 s with one, 0.31 s without)."""
+    process ~0.4 s to set up (bench_ray_build.py, 2 CPUs: two actors ready in 0.73 s with one, 0.32 s
+    without)."""
     root = str(Path(__file__).resolve().parents[3])
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in (old or "").split(os.pathsep) if p]])
