@@ -121,6 +121,13 @@ def test_cli_error_is_one_line_not_a_traceback(tmp_path, capsys):
     assert rc == 2 and "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_bad_ray_task_size_is_one_line(tmp_path, capsys):
+    rc = cli(["build", "--images", str(make_folder(tmp_path / "c", n=2, bad=False)), "--out", str(tmp_path / "o"),
+              "--model", "demo", "--ray", "local", "--ray-task-size", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--ray-task-size must be at least 1" in err and len(err.strip().splitlines()) == 1
+
+
 def test_missing_model_offline_says_how_to_provide_weights(tmp_path):
     make_folder(tmp_path / "c", n=2, bad=False)
     with pytest.raises(ModelLoadError) as e:
