@@ -243,10 +243,10 @@ def _local_gaps(engine, label: str, ag, feats: list[int], per_group: int) -> tup
 
     q = engine.direction(engine.mix(Term("label", label)))
     ranked = np.array([r.id for r in engine.search_vector(q, min(10_000, max(1, int(engine.n_total))))], np.int64)
-    over = loc.over_groups([ag], {ag.name: np.nan_to_num(ag.base_rates())}, ranked[:100])
-    nb = loc.neighbourhood(ranked, [ag], per_group)
-    gaps = loc.feature_gaps(loc.activations(engine.ranker.postings, nb.ids, feats), nb, [ag], over)
-    return gaps.get(ag.name, np.zeros(len(feats))), ag.groups[over[ag.name]], len(nb.ids)
+    targets = {ag.name: np.nan_to_num(ag.base_rates())}
+    nb, gaps = loc.query_gaps(ranked, [ag], targets, 100, per_group, engine.ranker.postings, feats)
+    over = loc.over_groups([ag], targets, ranked[:100])[ag.name]
+    return gaps.get(ag.name, np.zeros(len(feats))), ag.groups[over], len(nb.ids)
 
 
 def audit_label(engine, label: str, attribute: str, top: int = 10, threshold: float = DEFAULT_THRESHOLD,

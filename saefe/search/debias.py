@@ -97,9 +97,8 @@ def ablate_mix(mix, cut: np.ndarray, strength: float = 1.0):
     or shares in [0, 1]; 1 = the feature is gone), rescaled to the original L2 norm."""
     from saefe.search.mix import FeatureMix
 
-    cut = np.asarray(cut, dtype=np.float64)
-    keep = {f: w * (1.0 - strength * cut[int(f)]) for f, w in mix.items() if w != 0.0}
-    keep = {f: w for f, w in keep.items() if abs(w) > 1e-12 * max(1.0, abs(mix[f]))}
+    take = strength * np.asarray(cut, dtype=np.float64)
+    keep = {f: w * (1.0 - take[int(f)]) for f, w in mix.items() if w != 0.0 and take[int(f)] < 1.0}
     if not keep:
         raise SteeringError("every feature of the mix is tied to the protected attribute; nothing is left after ablation")
     out = FeatureMix(keep, d_hidden=mix.d_hidden, clip=None)
@@ -111,6 +110,7 @@ def _query(engine, parts: Sequence[Part], mode: str, cut: np.ndarray | None = No
     """direction mode: the unit query vector; features mode: (feature ids, weights). ``cut``:
     what ablation takes from each feature (see ablate_mix)."""
     from saefe.search.engine import _unit
+    from saefe.search.mix import sum_mixes
 
     ablating = cut is not None and bool(np.any(cut))
     mixes = [(p, ablate_mix(p.mix, cut) if p.mix is not None and ablating else p.mix) for p in parts]
@@ -119,13 +119,10 @@ def _query(engine, parts: Sequence[Part], mode: str, cut: np.ndarray | None = No
         for p, mix in mixes:
             acc += p.weight * (engine.direction(mix) if mix is not None else p.vector)
         return _unit(acc, "the combined query")
-    ids, ws = zip(*[m.as_arrays() for _, m in mixes]) if mixes else ((), ())
-    wts = [np.asarray(w, np.float64) * p.weight for (p, _), w in zip(mixes, ws)]
-    ids, inv = np.unique(np.concatenate(ids), return_inverse=True)
-    ws = np.bincount(inv, weights=np.concatenate(wts), minlength=len(ids))
-    if not (ws != 0).any():
+    ids, ws = sum_mixes([(p.weight, mix) for p, mix in mixes if mix is not None])
+    if not len(ids):
         raise SteeringError("all sliders are zero")
-    return ids[ws != 0], ws[ws != 0]
+    return ids, ws
 
 
 def _ranked(engine, query, mode: str, n: int) -> list:
@@ -134,13 +131,9 @@ def _ranked(engine, query, mode: str, n: int) -> list:
 
 def _mix_weights(parts: Sequence[Part]) -> tuple[np.ndarray, np.ndarray]:
     """(feature ids, combined weights) over the parts' mixes: which way each feature pulls."""
-    acc: dict[int, float] = {}
-    for p in parts:
-        if p.mix is not None:
-            for f, w in p.mix.items():
-                acc[int(f)] = acc.get(int(f), 0.0) + p.weight * float(w)
-    feats = np.array(sorted(f for f, w in acc.items() if w != 0.0), dtype=np.int64)
-    return feats, np.array([acc[int(f)] for f in feats], np.float64)
+    from saefe.search.mix import sum_mixes
+
+    return sum_mixes([(p.weight, p.mix) for p in parts if p.mix is not None])
 
 
 # -- the methods --------------------------------------------------------------------------------
@@ -172,10 +165,8 @@ def plan_ablation(engine, parts, mode, k, cfg, attrs, targets, info, calibrated:
         info.notes.append("ablate has no SAE feature mix to act on (text, image and embedding terms stay as they are)")
         return np.zeros(h)
     ranked = local_ids(engine, _ranked(engine, _query(engine, parts, mode), mode, _pool(engine, k, cfg)))
-    nb = loc.neighbourhood(ranked, attrs, cfg.per_group)
+    nb, gaps = loc.query_gaps(ranked, attrs, targets, k, cfg.per_group, engine.ranker.postings, feats)
     _note_neighbourhood(info, nb, attrs)
-    gaps = loc.feature_gaps(loc.activations(engine.ranker.postings, nb.ids, feats), nb, attrs,
-                            loc.over_groups(attrs, targets, ranked[:k]))
     flags = {ag.name: np.zeros(h, bool) for ag in attrs}
     for a, f in corpus_flags(engine, attrs, cfg.threshold).items():
         flags[a] |= f

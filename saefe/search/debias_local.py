@@ -148,6 +148,17 @@ def feature_gaps(acts: np.ndarray, nb: Neighbourhood, attrs, over: dict[str, int
     return out
 
 
+def query_gaps(ranked: np.ndarray, attrs, targets: dict[str, np.ndarray], k: int, per_group: int,
+               postings: Callable[[int], tuple[np.ndarray, np.ndarray]], features: Sequence[int]
+               ) -> tuple[Neighbourhood, dict[str, np.ndarray]]:
+    """A ranking's neighbourhood and each feature's gap there (:func:`feature_gaps`), towards each
+    attribute's group most over its target among the first ``k`` results: what ``ablate`` and
+    the audit measure."""
+    nb = neighbourhood(ranked, attrs, per_group)
+    acts = activations(postings, nb.ids, features)
+    return nb, feature_gaps(acts, nb, attrs, over_groups(attrs, targets, np.asarray(ranked)[:k]))
+
+
 def tied_features(gaps: dict[str, np.ndarray], weights: np.ndarray,
                   threshold: float = DEFAULT_GAP_THRESHOLD) -> dict[str, np.ndarray]:
     """attribute -> (F,) bool: the features whose weight pushes the results towards that

@@ -241,6 +241,19 @@ def resolve_features(profiles, labels: Sequence[str], features="nonzero", top_n:
     return arr
 
 
+def sum_mixes(weighted: Sequence[tuple[float, FeatureMix]]) -> tuple[np.ndarray, np.ndarray]:
+    """(feature ids, summed weights) of sum_t w_t * mix_t, features whose weights cancel dropped:
+    what feature mode ranks by, and which way each feature pulls a combined query."""
+    pairs = [(float(w), m.as_arrays()) for w, m in weighted]
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0)
+    ids, inv = np.unique(np.concatenate([f for _, (f, _) in pairs]), return_inverse=True)
+    ws = np.bincount(inv, weights=np.concatenate([np.asarray(x, np.float64) * w for w, (_, x) in pairs]),
+                     minlength=len(ids))
+    keep = ws != 0
+    return ids[keep].astype(np.int64), ws[keep]
+
+
 def query_vector(mix: FeatureMix | Mapping[int, float], sae) -> np.ndarray:
     """(d_emb,) float32: sum_j w_j * decoder column j, L2-normalised (seed)."""
     import torch

@@ -91,26 +91,21 @@ def search_page(engine, terms: Sequence, k: int = 20, mode: str = "direction", o
 def feature_weights(engine, terms: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """The summed (feature ids, weights) of feature-mode terms (labels, expressions, mixes)."""
     from saefe.search.types import MIX_KINDS, TERM_KINDS
-    from saefe.search.mix import check_weight
+    from saefe.search.mix import check_weight, sum_mixes
 
     if not terms:
         raise SteeringError("empty query: give a label, expression or features")
-    all_ids, all_ws = [], []
+    weighted = []
     for t in terms:
         if t.kind not in TERM_KINDS:
             raise SaefeError(f"unknown term type {t.kind!r}; use one of {', '.join(TERM_KINDS)}")
         if t.kind not in MIX_KINDS:
             raise SaefeError(f"feature mode ranks by SAE features; a {t.kind} term needs --mode direction")
-        w = check_weight(t.weight, f"{t.kind} term")
-        ids, ws = engine.mix(t).as_arrays()
-        all_ids.append(ids)
-        all_ws.append(ws.astype(np.float64) * w)
-    ids, inv = np.unique(np.concatenate(all_ids), return_inverse=True)
-    ws = np.bincount(inv, weights=np.concatenate(all_ws), minlength=len(ids))
-    keep = ws != 0
-    if not keep.any():
+        weighted.append((check_weight(t.weight, f"{t.kind} term"), engine.mix(t)))
+    ids, ws = sum_mixes(weighted)
+    if not len(ids):
         raise SteeringError("all sliders are zero")
-    return ids[keep], ws[keep]
+    return ids, ws
 
 
 def _mask(engine, where) -> tuple[np.ndarray | None, str]:
