@@ -269,18 +269,17 @@ def build_saved_index(dir: str | os.PathLike, cfg: IndexConfig, progress: bool =
 def _exact_search(vectors: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k streamed over the (possibly memory-mapped fp16) base, in 64k-row blocks."""
     faiss = _faiss()
-    best_s = np.full((len(q), k), -np.inf, np.float32)
-    best_i = np.full((len(q), k), -1, np.int64)
+    heap = faiss.ResultHeap(len(q), k, keep_max=True)  # faiss merges the blocks' top-k
     for off, b in _batches(vectors):
         s = q @ b.T
         kk = min(k, s.shape[1])
-        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        ps = np.take_along_axis(s, part, 1)
-        cs = np.concatenate([best_s, ps], 1)
-        ci = np.concatenate([best_i, part + off], 1)
-        order = np.argsort(-cs, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(cs, order, 1), np.take_along_axis(ci, order, 1)
-    return best_s, best_i
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]  # each block's candidates only
+        heap.add_result(D=np.ascontiguousarray(np.take_along_axis(s, part, 1), dtype=np.float32),
+                        I=np.ascontiguousarray(part + off, dtype=np.int64))
+    heap.finalize()
+    d, i = heap.D, heap.I
+    d[i < 0] = -np.inf  # fewer than k rows: padding as before
+    return d, i
 
 
 def sample_queries(vectors: np.ndarray, nq: int, seed: int) -> np.ndarray:

@@ -62,6 +62,19 @@ def load_item(corpus: ImageCorpus, i: int, draft_to: tuple[int, int] | None = No
     return i, img, meta, None
 
 
+def load_pixels(corpus: ImageCorpus, i: int, preprocess: Callable[[Sequence[Any]], Any] | None,
+                draft_to: tuple[int, int] | None = None, plan=None) -> tuple[Item, Any]:
+    """:func:`load_item` plus the item's (1, 3, H, W) pixels (None without a processor or an
+    image); an image the processor cannot take becomes a skip."""
+    item = load_item(corpus, i, draft_to, plan)
+    if item[1] is None or preprocess is None:
+        return item, None
+    try:
+        return item, preprocess([item[1]])
+    except Exception as e:  # noqa: BLE001 - an image the processor cannot take is a skip
+        return (item[0], None, item[2], f"unprocessable image ({type(e).__name__})"), None
+
+
 @dataclass
 class ChunkLoader:
     """Loads ranges of a corpus: items in order, plus the pre-processed pixels of the good ones.
@@ -80,14 +93,7 @@ class ChunkLoader:
         self.pool = ThreadPoolExecutor(max_workers=self.workers or default_workers(), thread_name_prefix="saefe-load")
 
     def _one(self, i: int) -> tuple[Item, Any]:
-        item = load_item(self.corpus, i, self.draft_to, self.plan)
-        px = None
-        if item[1] is not None and self.preprocess is not None:
-            try:
-                px = self.preprocess([item[1]])
-            except Exception as e:  # noqa: BLE001 - an image the processor cannot take is a skip
-                return (item[0], None, item[2], f"unprocessable image ({type(e).__name__})"), None
-        return item, px
+        return load_pixels(self.corpus, i, self.preprocess, self.draft_to, self.plan)
 
     def load(self, lo: int, hi: int) -> tuple[list[Item], Any]:
         """Items ``lo..hi-1`` and the pixels of those that decoded (None without a processor)."""

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from saefe.errors import SaefeError
 from saefe.ingest.corpus import ImageCorpus
-from saefe.ingest.loader import Item, load_item
+from saefe.ingest.loader import Item, load_pixels
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,8 @@ class _Items:
         return len(self.corpus)
 
     def __getitem__(self, i: int):
-        idx, img, meta, reason = load_item(self.corpus, int(i), self.draft_to)
-        if img is None:
-            return (idx, None, meta, reason), None
-        try:
-            px = self.preprocess([img])[0]
-        except Exception as e:  # noqa: BLE001 - an image the processor cannot take is a skip
-            return (idx, None, meta, f"unprocessable image ({type(e).__name__})"), None
-        return (idx, True, meta, None), px
+        (idx, img, meta, reason), px = load_pixels(self.corpus, int(i), self.preprocess, self.draft_to)
+        return (idx, None if img is None else True, meta, reason), (None if px is None else px[0])
 
 
 def _collate(batch: list) -> tuple[list[Item], Any]:

@@ -74,11 +74,6 @@ def local_ids(engine, results, strict: bool = True) -> np.ndarray:
     return np.array(ids, dtype=np.int64)
 
 
-def shares_of(ag, ids: np.ndarray) -> np.ndarray:
-    """(G,) group shares among ``ids`` (estimates count with their probabilities)."""
-    return ag.shares(ids)
-
-
 # -- the query: parts that ablate can rewrite -----------------------------------------------------
 
 
@@ -399,7 +394,7 @@ def fair_rerank_results(engine, cands, attrs, targets: dict[str, np.ndarray], k:
     shares = np.concatenate([joint * (1.0 - unk), [unk]])
     fr = fair_rerank(cell[ids], shares, k_eff, wanted=wanted)
     picked = [cands[int(i)] for i in fr.order]
-    got = {ag.name: {g: float(s) for g, s in zip(ag.groups, shares_of(ag, ids[fr.order]))} for ag in attrs}
+    got = {ag.name: {g: float(s) for g, s in zip(ag.groups, ag.shares(ids[fr.order]))} for ag in attrs}
     info.rerank = {"pool": len(cands), "met": fr.met, "shares": got}
     info.met = fr.met if info.met is None else (info.met and fr.met)
     if not fr.met:
