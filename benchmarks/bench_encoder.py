@@ -37,23 +37,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # tests/fixtures/checkpoints.py writes the checkpoint
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    """VmHWM: unlike getrusage's ru_maxrss it is not inherited from the parent across exec."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from procstat import peak_rss_mb, rss_mb  # noqa: E402
 
 
 def touch(modules) -> None:

@@ -105,7 +105,7 @@ def main() -> int:
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"\n| card | N | index | train s | add s | nprobe | p50 ms | p99 ms | batched q/s | recall@10 PQ | recall@10 re-ranked |")
+    print("\n| card | N | index | train s | add s | nprobe | p50 ms | p99 ms | batched q/s | recall@10 PQ | recall@10 re-ranked |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {card} | {n:,} | IVF{args.nlist},PQ{args.pq_m} (GPU) | {train_s:.0f} | {add_s:.0f} | {r['nprobe']} | "

@@ -22,18 +22,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from procstat import status_mb  # noqa: E402
 
 
 def rss() -> dict[str, float]:
-    """MB of resident anonymous memory (the process' own) and file-backed pages (page cache
-    mapped in: reclaimable, shared with every process reading the same files)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            for key in ("VmRSS", "RssAnon", "RssFile"):
-                if line.startswith(key + ":"):
-                    out[key] = int(line.split()[1]) / 1024
-    return out
+    """MB resident: VmRSS, RssAnon (the process' own), RssFile (page cache mapped in)."""
+    return status_mb(("VmRSS", "RssAnon", "RssFile"))
 
 
 def chunk_loader(c: int, rows: int, k: int, h: int, seed: int):
@@ -125,7 +121,7 @@ def main() -> None:
                            "--query-only"], capture_output=True, text=True, check=True)
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(res, indent=1))
-    print(f"\n| N | k | d_hidden | nnz | disk GB | merge s | open ms | mix | postings (median) | p50 ms | p99 ms | "
+    print("\n| N | k | d_hidden | nnz | disk GB | merge s | open ms | mix | postings (median) | p50 ms | p99 ms | "
           "RSS anon MB | RSS file MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label in ("uniform", "by frequency"):

@@ -202,7 +202,7 @@ def main() -> int:
     print(json.dumps(results, indent=1), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    print(f"\n| card | part | figure |\n|---|---|---|")
+    print("\n| card | part | figure |\n|---|---|---|")
     ma, e2e, se = results.get("model_alone", {}), results.get("end_to_end", {}), results.get("exact_search", {})
     if "images_per_s" in ma:
         print(f"| {results['card']} | SO400M@384 fp16 vision tower alone (batch {ma['batch']}) | {ma['images_per_s']:.0f} img/s |")

@@ -134,7 +134,7 @@ def main() -> int:
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
-    print(f"\n| card | loader | images | images/s end to end | steady images/s |\n|---|---|---|---|---|")
+    print("\n| card | loader | images | images/s end to end | steady images/s |\n|---|---|---|---|---|")
     print(f"| {card} | {res['runner']} | {res['images']} | {res['images_per_s']:.0f} | "
           f"{res.get('steady_images_per_s', res.get('embed_images_per_s', float('nan'))):.0f} |")
     return 0

@@ -37,37 +37,39 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from saefe.ingest.index import IndexConfig, VectorIndex, _exact_search, recall_at_k  # noqa: E402
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procstat import rss_mb, status_mb  # noqa: E402
 
 
-def synthetic(n: int, d: int = 1152, seed: int = 0, topic_size: int = 50, rank: int = 256) -> np.ndarray:
-    """fp16 (n, d): mean direction + topic centre + within-topic low-rank spread + noise.
-
-    The number of topics grows with n (about ``topic_size`` images each), as a larger crawl holds
-    more subjects rather than more copies of the same ones; a fixed topic count would make
-    neighbours ever easier for IVF to find as n grows."""
+def _clustered_blocks(total: int, d: int, seed: int, topic_size: int, rank: int, block: int = 100_000):
+    """(lo, float32 block) over ``total`` unit rows: mean direction + topic centre + within-topic
+    low-rank spread + noise; the number of topics grows with ``total``."""
     rng = np.random.default_rng(seed)
-    n_topics = max(1, n // topic_size)
+    n_topics = max(1, total // topic_size)
     basis = rng.normal(size=(rank, d)).astype(np.float32) / math.sqrt(d)
     mean = rng.normal(size=d).astype(np.float32)
     mean /= np.linalg.norm(mean)
     centres = rng.normal(size=(n_topics, rank)).astype(np.float32)
-    out = np.empty((n, d), np.float16)
-    for lo in range(0, n, 100_000):
-        m = min(100_000, n - lo)
+    for lo in range(0, total, block):
+        m = min(block, total - lo)
         topic = rng.integers(0, n_topics, m)
         lat = centres[topic] + 0.8 * rng.standard_normal((m, rank), dtype=np.float32)
         x = lat @ basis
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         x = 0.5 * mean + x + 0.35 * rng.standard_normal((m, d), dtype=np.float32) / math.sqrt(d)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        out[lo : lo + m] = x
+        yield lo, x
+
+
+def synthetic(n: int, d: int = 1152, seed: int = 0, topic_size: int = 50, rank: int = 256) -> np.ndarray:
+    """fp16 (n, d) clustered vectors (:func:`_clustered_blocks`).
+
+    The number of topics grows with n (about ``topic_size`` images each), as a larger crawl holds
+    more subjects rather than more copies of the same ones; a fixed topic count would make
+    neighbours ever easier for IVF to find as n grows."""
+    out = np.empty((n, d), np.float16)
+    for lo, x in _clustered_blocks(n, d, seed, topic_size, rank):
+        out[lo : lo + len(x)] = x
     return out
 
 
@@ -75,25 +77,11 @@ def synthetic_to_file(path: Path, n: int, n_queries: int, d: int = 1152, seed: i
                       rank: int = 256) -> np.ndarray:
     """``synthetic`` (same distribution and seed handling) written in chunks to an fp16 .npy
     memmap of n rows; returns the n_queries extra rows (same distribution) as float32."""
-    rng = np.random.default_rng(seed)
-    total = n + n_queries
-    n_topics = max(1, total // topic_size)
-    basis = rng.normal(size=(rank, d)).astype(np.float32) / math.sqrt(d)
-    mean = rng.normal(size=d).astype(np.float32)
-    mean /= np.linalg.norm(mean)
-    centres = rng.normal(size=(n_topics, rank)).astype(np.float32)
     tmp = path.with_name(path.name + ".tmp")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
     queries = np.empty((n_queries, d), np.float32)
-    for lo in range(0, total, 100_000):
-        m = min(100_000, total - lo)
-        topic = rng.integers(0, n_topics, m)
-        lat = centres[topic] + 0.8 * rng.standard_normal((m, rank), dtype=np.float32)
-        x = lat @ basis
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        x = 0.5 * mean + x + 0.35 * rng.standard_normal((m, d), dtype=np.float32) / math.sqrt(d)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        a, b = lo, lo + m
+    for a, x in _clustered_blocks(n + n_queries, d, seed, topic_size, rank):
+        b = a + len(x)
         if a < n:
             out[a : min(b, n)] = x[: min(b, n) - a]
         if b > n:
@@ -105,13 +93,7 @@ def synthetic_to_file(path: Path, n: int, n_queries: int, d: int = 1152, seed: i
 
 
 def rss_detail() -> dict[str, float]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            for key in ("VmRSS", "RssAnon", "RssFile"):
-                if line.startswith(key + ":"):
-                    out[key] = int(line.split()[1]) / 1024
-    return out
+    return status_mb(("VmRSS", "RssAnon", "RssFile"))
 
 
 def ondisk_query(workdir: Path, n_queries: int) -> dict:

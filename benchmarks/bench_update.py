@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         run(f"update (+{args.add} / -{args.remove} / {args.change} changed)", cfg)
         run("same command again", cfg)
         run("full rebuild (--force)", BuildConfig(**{**cfg.__dict__, "force": True}))
-        print(f"\n| step | embedded | images in index | added / changed / removed / unchanged | seconds |")
+        print("\n| step | embedded | images in index | added / changed / removed / unchanged | seconds |")
         print("|---|---|---|---|---|")
         for name, emb, count, upd, secs in rows:
             u = " / ".join(str(upd.get(k, 0)) for k in ("added", "changed", "removed", "unchanged")) if upd else "-"
