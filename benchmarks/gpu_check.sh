@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 14's GPU figures in one run (about 6 minutes on an H100; every part has its own time limit
-# and prints its table even when another part fails). Logs, JSON and tables land in $OUT.
+# Issue 14's GPU figures in one run (a1 + a2 about 4 minutes on an H100; every part has its own
+# time limit and prints its table even when another part fails). Logs, JSON and tables land in $OUT.
 #
-#   (a) SO400M@384 (random weights from its config, fp16, batch 256) on 5000 synthetic JPEGs:
-#       the vision tower alone vs `saefe build` end to end (today's loader: decode + processor in
-#       a loader thread overlapping the model), and vs the Ray build's stage layout (decode actors
-#       on the CPUs -> one model actor; under torch's DataLoader where Ray is not installed).
+#   (a) SO400M@384 (random weights from its config, fp16, batch 256) on 12,000 synthetic JPEGs:
+#       (a1) the vision tower alone (channels-last and NCHW pixels) vs `saefe build` end to end
+#       with loader threads, then with 14 loader processes; (a2) the Ray build's stage layout
+#       (decode workers -> one model; under torch's DataLoader where Ray is not installed).
 #   (b) faiss-gpu IVF-PQ build + search at 10M x 1152 when faiss sees a GPU; otherwise the exact
 #       torch search baseline at 10M (benchmarks/bench_gpu.py --parts search).
 #
@@ -27,7 +27,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 export SAEFE_HOME="$WORK/home" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 # knobs for a smoke test elsewhere (defaults = the real check): layers, JPEGs, search size, device
-LAYERS=${LAYERS:-27} IMAGES=${IMAGES:-5000} SEARCH_N=${SEARCH_N:-10000000} DEVICE=${DEVICE:-cuda}
+LAYERS=${LAYERS:-27} IMAGES=${IMAGES:-12000} SEARCH_N=${SEARCH_N:-10000000} DEVICE=${DEVICE:-cuda}
+# which parts to run (a1 a2 b); leave out one already measured to save device time
+PARTS=${PARTS:-"a1 a2 b"}
+want() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 SUMMARY="$OUT/summary.md"
 : > "$SUMMARY"
 
@@ -58,17 +61,21 @@ part() {
 }
 
 # (a1) vision tower alone + the single-process build end to end: loader threads, then 14 loader processes
-part a_model_and_build 330 $PY benchmarks/bench_gpu.py --parts model,e2e --images "$IMAGES" --batch 256 --e2e-processes 14 \
+want a1 && part a_model_and_build 330 $PY benchmarks/bench_gpu.py --parts model,e2e --images "$IMAGES" --batch 256 --e2e-processes 14 \
   --layers "$LAYERS" --device "$DEVICE" --out "$WORK" --json "$OUT/a_model_and_build.json"
 # (a2) the Ray build's stage layout on the same checkpoint and JPEGs (15 decode workers -> GPU)
-if [ -d "$WORK/so400m-${LAYERS}l" ] && [ -d "$WORK/jpegs" ]; then
+if ! want a2; then
+  echo "== a_ray_layout: not asked for (PARTS=$PARTS)" | tee -a "$SUMMARY"
+elif [ -d "$WORK/so400m-${LAYERS}l" ] && [ -d "$WORK/jpegs" ]; then
   part a_ray_layout 120 $PY benchmarks/bench_gpu_mapper.py --images "$WORK/jpegs" --model "$WORK/so400m-${LAYERS}l" \
     --device "$DEVICE" --batch 256 --shard 128 --json "$OUT/a_ray_layout.json"
 else
   echo "== a_ray_layout: skipped (no checkpoint/JPEGs from a1)" | tee -a "$SUMMARY"
 fi
 # (b) faiss-gpu at 10M, or the exact torch baseline
-if $PY -c "import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)" 2>/dev/null; then
+if ! want b; then
+  echo "== b: not asked for (PARTS=$PARTS)" | tee -a "$SUMMARY"
+elif $PY -c "import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)" 2>/dev/null; then
   part b_faiss_gpu 200 $PY benchmarks/bench_faiss_gpu.py --n "$SEARCH_N" --json "$OUT/b_faiss_gpu.json"
 else
   echo "faiss with GPUs is not importable here: exact torch search at 10M instead" | tee -a "$SUMMARY"

@@ -38,6 +38,8 @@ def build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-processes", type=int, default=0, metavar="N",
                    help="do that work in N worker processes instead (GPU builds, where Python in the loader "
                         "threads limits: try one per core)")
+    p.add_argument("--batch-size", "--ray-batch-size", dest="batch_size", type=int, default=0,
+                   help="images per model call (default 256 on a GPU, 64 on CPUs)")
     p.add_argument("--force", action="store_true",
                    help="re-embed everything (default on an existing index: update it, embedding only new and changed images)")
     from saefe.ingest.distributed.distributor import RayConfig
@@ -45,7 +47,6 @@ def build_arguments(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group('distributed (pip install -e ".[distributed]")')
     ray.add_argument("--ray", metavar="ADDRESS", help="embed on Ray: 'local' starts it here, 'auto' or ray://host:port joins a cluster")
     ray.add_argument("--ray-cpus", type=int, default=None, help="--ray local: CPUs Ray may use (default all)")
-    ray.add_argument("--ray-batch-size", type=int, default=0, help="images per model call (default 256 on GPUs, 64 on CPUs)")
     ray.add_argument("--ray-task-size", type=int, default=RayConfig.task_size,
                      help=f"images per decode task (default {RayConfig.task_size}; a chunk is cut into tasks)")
     p.add_argument("--no-progress", action="store_true")
@@ -84,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> _build.BuildConfig:
         chunk_size=args.chunk_size,
         loader_workers=args.loader_workers,
         loader_processes=args.loader_processes,
+        batch_size=args.batch_size,
         force=args.force,
         progress=not args.no_progress,
     )
@@ -104,7 +106,7 @@ def run_build(args: argparse.Namespace) -> int:
 
         if args.ray_task_size < 1:
             raise SaefeError("--ray-task-size must be at least 1")
-        summary = build_with_ray(cfg, RayConfig(address=args.ray, num_cpus=args.ray_cpus, embed_batch_size=args.ray_batch_size,
+        summary = build_with_ray(cfg, RayConfig(address=args.ray, num_cpus=args.ray_cpus, embed_batch_size=args.batch_size,
                                                 task_size=args.ray_task_size))
     else:
         summary = _build.build_index(cfg)

@@ -45,6 +45,23 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_batch_size(device: str) -> int:
+    """Images per model call when none is asked for: 256 on a GPU (SO400M@384 in fp16 peaks at
+    ~5.6 GiB there, and batch 64 ran 5% slower on an H100: benchmarks/bench_gpu_embed.py), 64 on
+    CPUs (bigger batches only cost memory there)."""
+    return 256 if device.startswith("cuda") else 64
+
+
+def model_layout(px: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """(n, 3, H, W) pixels in channels-last memory, the layout the loaders' uint8 resize already
+    has: cuDNN's patch-embedding convolution runs it much faster than contiguous NCHW (SO400M@384
+    on an H100, fp16: 574-604 images/s through ``embed_pixels`` against 437-450 for NCHW input;
+    benchmarks/bench_gpu_embed.py). A no-op for pixels already in that layout."""
+    import torch
+
+    return px.contiguous(memory_format=torch.channels_last) if px.dim() == 4 else px
+
+
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -85,7 +102,7 @@ class SiglipEncoder:
     parameters).
     """
 
-    def __init__(self, vision, image_processor, model_id: str, device: str, batch_size: int = 64, *,
+    def __init__(self, vision, image_processor, model_id: str, device: str, batch_size: int = 0, *,
                  config, text=None, tokenizer=None, text_loader: Callable[[], tuple] | None = None,
                  lowercase: bool = True):
         import torch
@@ -95,7 +112,7 @@ class SiglipEncoder:
         self.pixel_plan = PixelPlan.from_processor(image_processor)
         self.device = device
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        self.batch_size = batch_size
+        self.batch_size = batch_size or default_batch_size(device)
         self.config = config
         self._text, self._tokenizer, self._text_loader = text, tokenizer, text_loader
         self._text_lock = threading.Lock()
@@ -123,7 +140,7 @@ class SiglipEncoder:
         return self._text_side()[1]
 
     @classmethod
-    def from_model(cls, model, image_processor, tokenizer, model_id: str, device: str, batch_size: int = 64,
+    def from_model(cls, model, image_processor, tokenizer, model_id: str, device: str, batch_size: int = 0,
                    lowercase: bool = True) -> "SiglipEncoder":
         """Wrap an in-memory dual encoder (a ``SiglipModel``): its towers, nothing loaded lazily."""
         return cls(model.vision_model, image_processor, model_id, device, batch_size, config=model.config,
@@ -131,7 +148,7 @@ class SiglipEncoder:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, device: str | None = None, batch_size: int = 64,
+        cls, name_or_path: str, device: str | None = None, batch_size: int = 0,
         allow_download: bool | None = None,
     ) -> "SiglipEncoder":
         """Config, vision tower and image processor now; text tower and tokenizer on first use.
@@ -173,8 +190,8 @@ class SiglipEncoder:
 
         px = self.preprocess_cpu(images)
         if px.dtype == torch.uint8:
-            return self.pixel_plan.finish(px.to(self.device), self.dtype)
-        return px.to(self.device, self.dtype)
+            return model_layout(self.pixel_plan.finish(px.to(self.device), self.dtype))
+        return model_layout(px.to(self.device, self.dtype))
 
     def image_features(self, pixel_values) -> "torch.Tensor":  # noqa: F821
         """Un-normalised, differentiable image features (saliency differentiates through this).
@@ -205,7 +222,7 @@ class SiglipEncoder:
                     px = self.pixel_plan.finish(px.to(self.device, non_blocking=True), self.dtype)
                 else:
                     px = px.to(self.device, self.dtype, non_blocking=True)
-                out.append(self.image_features(px).float().cpu().numpy())
+                out.append(self.image_features(model_layout(px)).float().cpu().numpy())
                 if on_batch is not None:
                     on_batch(len(px), time.perf_counter() - t0)
         if not out:
@@ -249,10 +266,12 @@ class SiglipEncoder:
         return l2_normalise(np.concatenate(out))
 
 
-def load_encoder(model: str = "demo", clip_server: str | None = None, device: str | None = None) -> Encoder:
-    """The one place that turns CLI flags into an encoder (local model or remote clip_server)."""
+def load_encoder(model: str = "demo", clip_server: str | None = None, device: str | None = None,
+                 batch_size: int = 0) -> Encoder:
+    """The one place that turns CLI flags into an encoder (local model or remote clip_server).
+    ``batch_size``: images per model call (0: ``default_batch_size`` of the device)."""
     if clip_server:
         from saefe.remote.clip_client import ClipServerEncoder
 
         return ClipServerEncoder(clip_server)
-    return SiglipEncoder.from_pretrained(model, device=device)
+    return SiglipEncoder.from_pretrained(model, device=device, batch_size=batch_size)

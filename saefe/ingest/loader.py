@@ -1,6 +1,6 @@
 """Read, hash, decode and pre-process corpus items in parallel, ahead of the model.
 
-On a GPU the model is rarely the limit: SO400M@384 takes ~460 images/s on an H100, while one
+On a GPU the model is rarely the limit: SO400M@384 takes ~610 images/s on an H100, while one
 Python thread running the image processor manages ~60 (measured: benchmarks/bench_gpu.py). So
 every item goes through the whole CPU path (read -> sha256 -> decode -> processor) in a thread
 pool sized to the machine's cores; PIL's decoder and resampler, hashlib and numpy release the GIL,

@@ -2,12 +2,13 @@
 where the thread loader is the limit.
 
 Why. The thread loader (:mod:`saefe.ingest.loader`) scales while PIL, hashlib and numpy hold no
-GIL, but the per-item Python around them (reading, metadata, the resize call, torch glue) does:
-on an H100 it fed SO400M@384 at 141-169 images/s against the model's 462 (docs/SCALING.md), with
-16 cores mostly idle. Processes have a GIL each. torch's DataLoader runs them (a well-kept pool
-with ordered prefetch, worker shutdown and shared-memory tensors for the pixels): every worker
-reads, hashes, decodes (JPEG draft) and resizes whole batches of one chunk to uint8, and the
-main process only stacks them and runs the model.
+GIL, but the per-item Python around them (reading, metadata, the resize call, torch glue) does
+not. Processes have a GIL each. torch's DataLoader runs them (a well-kept pool with ordered
+prefetch, worker shutdown and shared-memory tensors for the pixels): every worker reads, hashes,
+decodes (JPEG draft) and resizes whole batches of one chunk to uint8, and the main process only
+runs the model. On a 16-core H100 host both loaders keep SO400M@384 busy: 442 images/s with 16
+threads, 478 with 14 processes (docs/SCALING.md); processes leave the main process' GIL to the
+model and are the choice with fewer cores per GPU or larger photos.
 
 The workers return each item's metadata and skip reason exactly as :func:`loader.load_item` makes
 them, and a ``True`` in place of the decoded image (the images stay in the workers; only their
@@ -45,11 +46,14 @@ class _Items:
 
 
 def _collate(batch: list) -> tuple[list[Item], Any]:
+    """Items, and their pixels as one (n, 3, H, W) tensor in the channels-last memory the resize
+    made (stacked as HWC rows: a plain copy, where stacking the CHW views transposes every image;
+    the encoder wants channels-last anyway, see encoder.model_layout)."""
     import torch
 
     items = [b[0] for b in batch]
     px = [b[1] for b in batch if b[1] is not None]
-    return items, (torch.stack(px) if px else None)
+    return items, (torch.stack([p.permute(1, 2, 0) for p in px]).permute(0, 3, 1, 2) if px else None)
 
 
 def _death(e: BaseException) -> SaefeError | None:

@@ -257,7 +257,7 @@ def _update_locked(cfg: BuildConfig, corpus: ImageCorpus, done: dict[str, Any], 
             s.skipped = dict(Counter(x["reason"] for x in gen.skips if x["reason"] != "duplicate"))
             return s
         base = generation_manifest(gen, view, gen_dir, _placeholder_index())
-        return finish_generation(cfg, out, old, gen_dir, base, old_rows, counts, t0)
+        return finish_generation(cfg, out, old, gen_dir, base, old_rows, counts, t0, embed_seconds=gen.embed_seconds)
     return finish_generation(cfg, out, old, gen_dir, gm, None, gm.get("update", {}), t0, resumed=True)
 
 
@@ -317,9 +317,11 @@ def _same_rows(old: EmbeddingStore, md: pd.DataFrame) -> bool:
 
 
 def finish_generation(cfg: BuildConfig, out: Path, old: EmbeddingStore, gen_dir: Path, manifest: dict[str, Any],
-                      old_rows: np.ndarray | None, counts: dict[str, int], t0: float, resumed: bool = False) -> BuildSummary:
+                      old_rows: np.ndarray | None, counts: dict[str, int], t0: float, resumed: bool = False,
+                      embed_seconds: float = 0.0) -> BuildSummary:
     """Index, SAE codes and labels for the new generation, then the switch. Each step is redone
-    or resumed when an interrupted update runs again."""
+    or resumed when an interrupted update runs again. ``embed_seconds``: the embedding loop's
+    time (the summary's images/s figure)."""
     from saefe.ingest.generation import carry_codes, index_for_generation, switch_generation
 
     g = old.generation + 1
@@ -351,7 +353,7 @@ def finish_generation(cfg: BuildConfig, out: Path, old: EmbeddingStore, gen_dir:
     top = switch_generation(out, gen_dir, manifest, g)
     rebuilt = bool(cfg.force)
     s = summary_of(out, top, int(counts.get("embedded", 0)) if not resumed else 0, time.time() - t0,
-                   update=None if rebuilt else {**{k: int(v) for k, v in counts.items() if k in UPDATE_KEYS},
+                   embed_seconds=embed_seconds, update=None if rebuilt else {**{k: int(v) for k, v in counts.items() if k in UPDATE_KEYS},
                                                 "generation": g})
     if rebuilt:
         s.extras["rebuilt"] = f"every image re-embedded (--force) as generation {g}; the previous one served meanwhile"

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from saefe.ingest.corpus import FolderCorpus
@@ -75,6 +76,7 @@ def test_process_loader_gives_the_thread_loaders_items_and_pixels(tmp_path):
             assert [(i, m, r) for i, _, m, r in got] == [(i, m, r) for i, _, m, r in want]
             assert [img is not None for _, img, _, _ in got] == [img is not None for _, img, _, _ in want]
             assert np.array_equal(got_px.numpy(), want_px.numpy())
+            assert got_px.is_contiguous(memory_format=torch.channels_last)  # collated without a transpose
 
 
 def test_build_with_loader_processes_matches_the_thread_build(tmp_path):
@@ -132,7 +134,7 @@ def test_a_dead_loader_process_is_one_line_and_the_build_resumes(tmp_path, monke
     assert len(EmbeddingStore.open(tmp_path / "out")) == 12
 
 
-@pytest.mark.parametrize("flag", ["--loader-processes", "--loader-workers"])
+@pytest.mark.parametrize("flag", ["--loader-processes", "--loader-workers", "--batch-size"])
 def test_negative_loader_counts_are_one_line_errors(tmp_path, capsys, flag):
     from saefe.cli.main import main as cli
 
@@ -141,3 +143,25 @@ def test_negative_loader_counts_are_one_line_errors(tmp_path, capsys, flag):
     rc = cli(["build", "--images", str(tmp_path / "img"), "--out", str(tmp_path / "out"), "--model", "demo", flag, "-1"])
     err = capsys.readouterr().err
     assert rc == 2 and "must be 0 or more" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_batch_size_is_the_devices_default_or_the_flag(tmp_path):
+    """--batch-size only changes how many images go through the model at once, never what is
+    stored: the same items and metadata, the same vectors up to float rounding."""
+    from saefe.ingest.build import BuildConfig, build_index
+    from saefe.ingest.encoder import SiglipEncoder, default_batch_size
+    from saefe.ingest.store import EmbeddingStore
+
+    assert (default_batch_size("cuda"), default_batch_size("cpu")) == (256, 64)
+    assert SiglipEncoder.from_pretrained("demo", device="cpu").batch_size == 64
+    for i in range(7):
+        (tmp_path / "img" / f"{i}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(_jpeg(96 + 8 * i, 64, i))
+    stores = []
+    for name, batch in (("default", 0), ("b3", 3)):
+        build_index(BuildConfig(images=str(tmp_path / "img"), out=str(tmp_path / name), model="demo", batch_size=batch,
+                                progress=False))
+        stores.append(EmbeddingStore.open(tmp_path / name))
+    a, b = stores
+    assert a.metadata.equals(b.metadata)
+    np.testing.assert_allclose(a.vectors_f32(), b.vectors_f32(), atol=2e-3)  # fp16 storage

@@ -52,3 +52,23 @@ def test_encoder_embeds_the_same_through_either_path(tmp_path):
     fast = enc.embed_images(imgs)
     slow = enc.embed_pixels(enc.image_processor(images=imgs, return_tensors="pt")["pixel_values"])
     np.testing.assert_allclose(fast, slow, atol=1e-5)
+
+
+def test_the_model_gets_channels_last_pixels_whatever_the_loader_made(tmp_path):
+    """encoder.model_layout: the tower always sees channels-last memory (cuDNN's fast layout for the
+    patch convolution), so contiguous and channels-last uint8 give the same vectors bit for bit,
+    and the layout changes no value (equal to a plain NCHW pass up to float rounding)."""
+    from saefe.demo.tiny_model import make_tiny_siglip
+    from saefe.ingest.encoder import SiglipEncoder, l2_normalise
+
+    enc = SiglipEncoder.from_pretrained(str(make_tiny_siglip(tmp_path / "m")), device="cpu")
+    imgs = _images(5)
+    view = enc.preprocess_cpu(imgs)  # the thread loader's (n, 3, H, W) view of HWC memory
+    assert view.is_contiguous(memory_format=torch.channels_last)
+    assert enc.preprocess(imgs).is_contiguous(memory_format=torch.channels_last)
+    a = enc.embed_pixels(view)
+    b = enc.embed_pixels(view.contiguous())
+    assert np.array_equal(a, b)
+    with torch.inference_mode():
+        plain = enc.image_features(enc.pixel_plan.finish(view.contiguous(), torch.float32).contiguous()).numpy()
+    np.testing.assert_allclose(a, l2_normalise(plain), atol=1e-5)

@@ -231,6 +231,7 @@ def test_force_rebuilds_everything_as_a_new_generation(corpus):
     root, out = corpus
     s = build_index(_cfg(root, out, force=True))
     assert s.embedded_now == 40 and EmbeddingStore.open(out).generation == 1 and s.update is None
+    assert s.embed_seconds > 0 and "img/s while embedding" in s.lines()[1]  # the rate, as a first build reports it
 
 
 def test_sae_codes_and_per_image_labels_follow_the_update(corpus, demo_encoder):

@@ -15,6 +15,7 @@ from saefe.ingest.build import BuildConfig, BuildSummary, build_index
 from saefe.ingest.distributed.distributor import RayConfig, failure, session
 from saefe.ingest.distributed.reader import CorpusSpec, shard_dataset, shard_rows
 from saefe.ingest.distributed.writer import ShardAssembler, ShardStage
+from saefe.ingest.encoder import default_batch_size
 from saefe.manifest import EncoderInfo, read_json
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,13 @@ class RayEmbedder:
         if cluster.gpus:
             embed = dict(compute=ActorPoolStrategy(size=cluster.gpus), num_gpus=1, num_cpus=1)
             cpus_left = max(1, cluster.cpus - cluster.gpus)
-            batch, dtype, device, fused = rc.embed_batch_size or 256, "float16", "cuda", False
+            batch, dtype, device, fused = rc.embed_batch_size or default_batch_size("cuda"), "float16", "cuda", False
         else:
             fused = rc.fused is not False
             n_embed = max(1, min(n_shards, cluster.cpus if fused else cluster.cpus // 2))
             embed = dict(compute=ActorPoolStrategy(size=n_embed, max_tasks_in_flight_per_actor=1 if fused else None), num_cpus=1)
             cpus_left = max(1, cluster.cpus - n_embed)
-            batch, dtype, device = rc.embed_batch_size or 64, "float32", "cpu"
+            batch, dtype, device = rc.embed_batch_size or default_batch_size("cpu"), "float32", "cpu"
         n_decode = max(1, min(rc.decode_actors or cpus_left, n_shards))
         decode = dict(compute=ActorPoolStrategy(min_size=1, max_size=n_decode), num_cpus=1)
         return dict(embed=embed, decode=decode, batch=batch, dtype=dtype, device=device, fused=fused)
