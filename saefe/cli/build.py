@@ -39,7 +39,7 @@ def build_arguments(p: argparse.ArgumentParser) -> None:
                    help="do that work in N worker processes instead (GPU builds, where Python in the loader "
                         "threads limits: try one per core)")
     p.add_argument("--batch-size", "--ray-batch-size", dest="batch_size", type=int, default=0,
-                   help="images per model call (default 256 on a GPU, 64 on CPUs)")
+                   help="images per model call (default 256 on a GPU, 64 on CPUs; halved when a batch does not fit the GPU)")
     p.add_argument("--force", action="store_true",
                    help="re-embed everything (default on an existing index: update it, embedding only new and changed images)")
     from saefe.ingest.distributed.distributor import RayConfig

@@ -16,7 +16,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from saefe.errors import ModelLoadError
+from saefe.errors import ModelLoadError, SaefeError
 from saefe.ingest.pixels import PixelPlan
 from saefe.manifest import EncoderInfo
 from saefe.ingest.models import resolve_model
@@ -210,24 +210,50 @@ class SiglipEncoder:
     def embed_pixels(self, pixel_values, on_batch: Callable[[int, float], None] | None = None) -> np.ndarray:
         """Embed already pre-processed pixels (see ``preprocess_cpu``), batched.
 
-        ``on_batch(n_images, seconds)`` is called after each batch (a build's cost estimate)."""
+        ``on_batch(n_images, seconds)`` is called after each batch (a build's cost estimate).
+        A batch that does not fit the GPU is retried at half the size (and the encoder keeps the
+        smaller size): the default of 256 suits SO400M on any 8 GB card, not every model on
+        every card, and a build should not die for it."""
         import torch
 
         out = []
+        i = 0
         with torch.inference_mode():
-            for i in range(0, len(pixel_values), self.batch_size):
+            while i < len(pixel_values):
                 t0 = time.perf_counter()
                 px = pixel_values[i : i + self.batch_size]
-                if px.dtype == torch.uint8:  # resized on the CPU; scale + normalise here
-                    px = self.pixel_plan.finish(px.to(self.device, non_blocking=True), self.dtype)
-                else:
-                    px = px.to(self.device, self.dtype, non_blocking=True)
-                out.append(self.image_features(model_layout(px)).float().cpu().numpy())
+                try:
+                    out.append(self._embed_batch(px))
+                except torch.OutOfMemoryError:
+                    self._smaller_batch(len(px))
+                    continue
+                i += len(px)
                 if on_batch is not None:
                     on_batch(len(px), time.perf_counter() - t0)
         if not out:
             return np.zeros((0, self.info.embedding_dim), np.float32)
         return l2_normalise(np.concatenate(out))
+
+    def _embed_batch(self, px) -> np.ndarray:
+        import torch
+
+        if px.dtype == torch.uint8:  # resized on the CPU; scale + normalise here
+            px = self.pixel_plan.finish(px.to(self.device, non_blocking=True), self.dtype)
+        else:
+            px = px.to(self.device, self.dtype, non_blocking=True)
+        return self.image_features(model_layout(px)).float().cpu().numpy()
+
+    def _smaller_batch(self, tried: int) -> None:
+        import torch
+
+        if tried <= 1:
+            raise SaefeError(f"out of memory on {self.device} embedding a single image with {self.info.model_id}: "
+                             "free the GPU (another process?) or run with --device cpu") from None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.batch_size = max(1, tried // 2)
+        log.warning("a batch of %d images does not fit %s; continuing with batches of %d (--batch-size)",
+                    tried, self.device, self.batch_size)
 
     def embed_images(self, images: Sequence) -> np.ndarray:
         if not len(images):

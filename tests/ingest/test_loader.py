@@ -165,3 +165,35 @@ def test_batch_size_is_the_devices_default_or_the_flag(tmp_path):
     a, b = stores
     assert a.metadata.equals(b.metadata)
     np.testing.assert_allclose(a.vectors_f32(), b.vectors_f32(), atol=2e-3)  # fp16 storage
+
+
+def test_a_batch_that_does_not_fit_is_retried_at_half_the_size(caplog):
+    """Out of GPU memory on a batch: the encoder halves its batch size and goes on (same vectors,
+    one warning); out of memory on a single image is a one-line error."""
+    import logging
+
+    from saefe.errors import SaefeError
+    from saefe.ingest.encoder import SiglipEncoder
+
+    enc = SiglipEncoder.from_pretrained("demo", device="cpu", batch_size=8)
+    h, w = enc.info.image_size
+    px = torch.randint(0, 256, (9, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    want = enc.embed_pixels(px)
+    real = enc.image_features
+    fits = {"n": 2}
+
+    def small_gpu(x):
+        if len(x) > fits["n"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x)
+
+    enc.image_features = small_gpu
+    seen = []
+    with caplog.at_level(logging.WARNING, logger="saefe.ingest.encoder"):
+        got = enc.embed_pixels(px, on_batch=lambda n, s: seen.append(n))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert enc.batch_size == 2 and sum(seen) == 9 and max(seen) == 2  # 8 -> 4 -> 2
+    assert "does not fit" in caplog.text
+    fits["n"] = 0
+    with pytest.raises(SaefeError, match="single image"):
+        enc.embed_pixels(px)
