@@ -6,9 +6,8 @@ GIL, but the per-item Python around them (reading, metadata, the resize call, to
 not. Processes have a GIL each. torch's DataLoader runs them (a well-kept pool with ordered
 prefetch, worker shutdown and shared-memory tensors for the pixels): every worker reads, hashes,
 decodes (JPEG draft) and resizes whole batches of one chunk to uint8, and the main process only
-runs the model. On a 16-core H100 host both loaders keep SO400M@384 busy: 442 images/s with 16
-threads, 478 with 14 processes (docs/SCALING.md); processes leave the main process' GIL to the
-model and are the choice with fewer cores per GPU or larger photos.
+runs the model. On a 16-core H100 host SO400M@384 embedded 442-478 images/s with 14 processes,
+356-442 with 16 threads (docs/SCALING.md): processes leave the main process' GIL to the model.
 
 The workers return each item's metadata and skip reason exactly as :func:`loader.load_item` makes
 them, and a ``True`` in place of the decoded image (the images stay in the workers; only their
