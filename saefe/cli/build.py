@@ -35,9 +35,9 @@ def build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=1024, help="images per committed chunk")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="threads reading, decoding and pre-processing ahead of the model (default: one per core)")
-    p.add_argument("--loader-processes", type=int, default=0, metavar="N",
-                   help="do that work in N worker processes instead (GPU builds, where Python in the loader "
-                        "threads limits: try one per core)")
+    p.add_argument("--loader-processes", type=int, default=None, metavar="N",
+                   help="do that work in N worker processes instead (default: on a GPU one per core but two, "
+                        "where they outpace threads; 0: threads)")
     p.add_argument("--batch-size", "--ray-batch-size", dest="batch_size", type=int, default=0,
                    help="images per model call (default 256 on a GPU, 64 on CPUs; halved when a batch does not fit the GPU)")
     p.add_argument("--force", action="store_true",

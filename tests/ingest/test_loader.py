@@ -197,3 +197,16 @@ def test_a_batch_that_does_not_fit_is_retried_at_half_the_size(caplog):
     fits["n"] = 0
     with pytest.raises(SaefeError, match="single image"):
         enc.embed_pixels(px)
+
+
+def test_loader_processes_default_to_a_gpu_build_only():
+    """No --loader-processes: worker processes on a GPU (one per core but two), threads on CPUs;
+    an explicit count (0 = threads) wins either way."""
+    from saefe.ingest.build import BuildConfig, _process_count
+    from saefe.ingest.loader import default_workers
+
+    auto = BuildConfig(images="x", out="y")
+    assert _process_count(auto, "cuda") == max(1, default_workers() - 2) and _process_count(auto, "cuda:1") > 0
+    assert _process_count(auto, "cpu") == 0 and _process_count(auto, None) == 0
+    assert _process_count(BuildConfig(images="x", out="y", loader_processes=0), "cuda") == 0
+    assert _process_count(BuildConfig(images="x", out="y", loader_processes=3), "cpu") == 3
