@@ -186,12 +186,7 @@ class SiglipEncoder:
     # -- images ------------------------------------------------------------------------------
     def preprocess(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
         """Model-ready pixels on the device (the same path ``embed_images`` takes)."""
-        import torch
-
-        px = self.preprocess_cpu(images)
-        if px.dtype == torch.uint8:
-            return model_layout(self.pixel_plan.finish(px.to(self.device), self.dtype))
-        return model_layout(px.to(self.device, self.dtype))
+        return self._to_model(self.preprocess_cpu(images))
 
     def image_features(self, pixel_values) -> "torch.Tensor":  # noqa: F821
         """Un-normalised, differentiable image features (saliency differentiates through this).
@@ -234,14 +229,18 @@ class SiglipEncoder:
             return np.zeros((0, self.info.embedding_dim), np.float32)
         return l2_normalise(np.concatenate(out))
 
-    def _embed_batch(self, px) -> np.ndarray:
+    def _to_model(self, px) -> "torch.Tensor":  # noqa: F821
+        """CPU pixels (``preprocess_cpu``'s) -> the model's input on its device, dtype and layout."""
         import torch
 
         if px.dtype == torch.uint8:  # resized on the CPU; scale + normalise here
             px = self.pixel_plan.finish(px.to(self.device, non_blocking=True), self.dtype)
         else:
             px = px.to(self.device, self.dtype, non_blocking=True)
-        return self.image_features(model_layout(px)).float().cpu().numpy()
+        return model_layout(px)
+
+    def _embed_batch(self, px) -> np.ndarray:
+        return self.image_features(self._to_model(px)).float().cpu().numpy()
 
     def _smaller_batch(self, tried: int) -> None:
         import torch
