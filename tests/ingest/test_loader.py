@@ -210,3 +210,28 @@ def test_loader_processes_default_to_a_gpu_build_only():
     assert _process_count(auto, "cpu") == 0 and _process_count(auto, None) == 0
     assert _process_count(BuildConfig(images="x", out="y", loader_processes=0), "cuda") == 0
     assert _process_count(BuildConfig(images="x", out="y", loader_processes=3), "cpu") == 3
+
+
+def test_a_dataset_build_in_loader_processes_matches_the_thread_build(tmp_path):
+    """GPU builds read in worker processes by default, whatever the source: a Hugging Face
+    dataset (Arrow files the forked workers share) gives the same store either way, its bad
+    row a skip in both."""
+    import datasets
+
+    from saefe.ingest.build import BuildConfig, build_index
+    from saefe.ingest.store import EmbeddingStore
+
+    imgs = [{"bytes": _jpeg(80 + 8 * i, 64, i), "path": f"{i}.jpg"} for i in range(7)]
+    imgs.append({"bytes": b"not an image", "path": "bad.jpg"})
+    ds = datasets.Dataset.from_dict({"image": imgs, "title": [f"t{i}" for i in range(8)]},
+                                    features=datasets.Features({"image": datasets.Image(decode=False),
+                                                                "title": datasets.Value("string")}))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    outs = {}
+    for name, procs in (("threads", 0), ("procs", 2)):
+        s = build_index(BuildConfig(dataset=str(tmp_path / "d.parquet"), out=str(tmp_path / name), chunk_size=3,
+                                    loader_processes=procs, progress=False))
+        outs[name] = (EmbeddingStore.open(tmp_path / name), s)
+    (a, sa), (b, sb) = outs["threads"], outs["procs"]
+    assert len(a) == 7 and sa.skipped == sb.skipped and sum(sa.skipped.values()) == 1
+    assert a.metadata.equals(b.metadata) and np.array_equal(a.vectors_f32(), b.vectors_f32())
