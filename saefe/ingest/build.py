@@ -28,7 +28,7 @@ from saefe.errors import CorpusError, IncompatibleError, SaefeError
 from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, read_precomputed
 from saefe.ingest.cost import CostEstimate, format_rate
 from saefe.ingest.index import KINDS, IndexConfig, VectorIndex, build_saved_index
-from saefe.ingest.loader import REUSE, ChunkLoader
+from saefe.ingest.loader import REUSE, ChunkLoader, default_workers
 from saefe.ingest.loader_procs import worker_deaths
 from saefe.ingest.models import canonical_model_id
 from saefe.ingest.store import ChunkWriter, read_manifest, write_manifest, write_store
@@ -326,8 +326,6 @@ def _process_count(cfg: BuildConfig, device: str | None) -> int:
     docs/SCALING.md), none on CPUs, where the model is the limit and threads cost no forks."""
     if cfg.loader_processes is not None:
         return cfg.loader_processes
-    from saefe.ingest.loader import default_workers
-
     return max(1, default_workers() - 2) if str(device or "").startswith("cuda") else 0
 
 
