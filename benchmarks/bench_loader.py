@@ -70,10 +70,11 @@ def main(argv=None) -> int:
     print(f"{n} JPEGs (0.2-1 MP) -> 384x384 uint8; {os.cpu_count()} CPUs ({cpu}); default threads: {default_workers()}")
     run(corpus, spans[:1], "threads", 2)  # warm the page cache
     rows = []
-    for kind, counts in (("threads", args.threads), ("processes", args.processes)):
-        for c in [int(x) for x in counts.split(",") if x]:
+    threads = sorted({*(int(x) for x in args.threads.split(",") if x), default_workers()})  # the baseline always runs
+    for kind, counts in (("threads", threads), ("processes", [int(x) for x in args.processes.split(",") if x])):
+        for c in counts:
             rows.append((kind, c, run(corpus, spans, kind, c)))
-    base = next((r for k, c, r in rows if k == "threads" and c == default_workers()), rows[0][2])
+    base = next(r for k, c, r in rows if k == "threads" and c == default_workers())
     print(f"{'loader':<10} {'workers':>7} {'images/s':>9} {'vs threads x' + str(default_workers()):>14}")
     for kind, c, r in rows:
         print(f"{kind:<10} {c:>7} {r:>9.1f} {r / base:>14.2f}")

@@ -1,6 +1,7 @@
 """``saefe build --ray local`` against the plain build on this machine: wall time of the user's
 command (a fresh process each run, paired and interleaved so both see the same machine load),
-the embedding phase alone, the ratio, and whether both give the same index (cosine per image).
+the build's own time (in-process: scan, model load, embedding, index; not the interpreter's
+start), the ratio, and whether both give the same index (cosine per image).
 
 Also Ray's fixed cost on this machine, measured apart: ``ray.init`` of a private cluster, the
 first Ray Data execution (its executor and stats actors) and ``ray.shutdown``.
@@ -56,7 +57,8 @@ def ray_fixed_cost() -> dict[str, float]:
 
 
 def run_build(images: Path, out: Path, task_size: int) -> tuple[float, float]:
-    """(wall seconds of the command, seconds of its embedding phase as it reports them); task_size
+    """(wall seconds of the command, seconds of the build as it reports them: "embedded this run:
+    N in S s", everything in-process from the scan to the index, Ray's start and stop included); task_size
     0 = the plain build, else --ray local with tasks of that many images."""
     ray = task_size > 0
     cmd = [sys.executable, "-m", "saefe.cli.main", "build", "--images", str(images), "--model", "demo",
@@ -119,15 +121,15 @@ def main(argv=None) -> int:
             re_ = statistics.median(e for _, e in runs[t])
             rows.append([n, f"ray, tasks of {t}", f"{rw:.1f}", f"{rw / pw:.2f}x", f"{re_:.1f} ({n / re_:.0f}/s)",
                          f"{rw - pw:.1f}", f"{cos:.5f}", " / ".join(f"{w:.1f}" for w, _ in runs[t])])
-    head = ["images", "build", "wall s", "vs plain", "embed s", "extra s", "min cosine", "runs"]
+    head = ["images", "build", "wall s", "vs plain", "build s", "extra s", "min cosine", "runs"]
     cells = [[str(c) for c in r] for r in [head, *rows]]
     w = [max(len(r[i]) for r in cells) for i in range(len(head))]
     for i, r in enumerate(cells):
         print("  ".join(c.rjust(w[j]) for j, c in enumerate(r)))
         if i == 0:
             print("  ".join("-" * x for x in w))
-    print("median wall time of the whole command (fresh process: imports, scan, embed, index); embed = the "
-          "build's own 'embedded this run' figure (for Ray: cluster start, actors' model load and streaming)")
+    print("median wall time of the whole command (fresh process: imports, scan, embed, index); build s = the "
+          "build's own 'embedded this run' figure (for Ray: cluster start, actors' model load, streaming, shutdown)")
     return 0
 
 
