@@ -27,6 +27,7 @@ import pandas as pd
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
 from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, read_precomputed
 from saefe.ingest.cost import CostEstimate, format_rate
+from saefe.ingest.encoder import draft_size
 from saefe.ingest.index import KINDS, IndexConfig, VectorIndex, build_saved_index
 from saefe.ingest.loader import REUSE, ChunkLoader, default_workers
 from saefe.ingest.loader_procs import worker_deaths
@@ -296,7 +297,7 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder: _Embedde
     def load_chunk(pool, cid):
         return pool.load(cid * cfg.chunk_size, min(n, (cid + 1) * cfg.chunk_size))
 
-    draft = tuple(encoder.info.image_size) if (preprocess is not None and encoder.info.image_size) else None
+    draft = draft_size(encoder.info) if preprocess is not None else None
     device = getattr(encoder, "device", None)
     with _loader(cfg, corpus, preprocess, draft, plan, todo, device) as pool, ThreadPoolExecutor(max_workers=1) as prefetch, \
             worker_deaths():

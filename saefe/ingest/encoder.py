@@ -62,6 +62,19 @@ def model_layout(px: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
     return px.contiguous(memory_format=torch.channels_last) if px.dim() == 4 else px
 
 
+def cpu_preprocess(processor, plan: PixelPlan | None) -> Callable[[Sequence], "torch.Tensor"]:  # noqa: F821
+    """The CPU half of pre-processing, safe in loader threads, workers and Ray actors: the uint8
+    resize when ``plan`` reproduces the processor (the device finishes it), else the processor."""
+    if plan is not None:
+        return plan.resize
+    return lambda images: processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+def draft_size(info: EncoderInfo) -> tuple[int, int] | None:
+    """The size JPEGs may be draft-decoded down to (the model's input), None when unknown."""
+    return tuple(info.image_size) if all(info.image_size) else None  # type: ignore[return-value]
+
+
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -198,9 +211,7 @@ class SiglipEncoder:
         """Pixels on the CPU, safe to make in loader threads while the model works: the resized
         uint8 image when the processor's maths can finish on the device (ingest/pixels.py), else
         the processor's float output. ``embed_pixels`` takes either."""
-        if self.pixel_plan is not None:
-            return self.pixel_plan.resize(images)
-        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return cpu_preprocess(self.image_processor, self.pixel_plan)(images)
 
     def embed_pixels(self, pixel_values, on_batch: Callable[[int, float], None] | None = None) -> np.ndarray:
         """Embed already pre-processed pixels (see ``preprocess_cpu``), batched.

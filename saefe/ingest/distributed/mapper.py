@@ -35,7 +35,7 @@ class DecodePreprocess:
     def __init__(self, spec: CorpusSpec, model: str, pixel_dtype: str = "float32", fault: dict | None = None,
                  threads: int = 2):
         from saefe.ingest import towers
-        from saefe.ingest.encoder import info_from_config
+        from saefe.ingest.encoder import cpu_preprocess, draft_size, info_from_config
         from saefe.ingest.models import resolve_model
         from saefe.ingest.pixels import PixelPlan
 
@@ -43,12 +43,9 @@ class DecodePreprocess:
         with towers.transformers_notices():
             config, tspec = towers.load_config(path, model, _local_only())
             processor = towers.load_image_processor(tspec, path, model, _local_only())
-        # exactly SiglipEncoder.preprocess_cpu and the build's draft size: the same pixels
-        plan = PixelPlan.from_processor(processor)
-        self.preprocess = plan.resize if plan is not None else (
-            lambda ims: processor(images=list(ims), return_tensors="pt")["pixel_values"])
-        size = info_from_config(config, model_id).image_size
-        self.draft_to = tuple(size) if all(size) else None
+        # the single-process build's pre-processing and draft size: the same pixels
+        self.preprocess = cpu_preprocess(processor, PixelPlan.from_processor(processor))
+        self.draft_to = draft_size(info_from_config(config, model_id))
         self.spec = spec
         self.dtype = np.dtype(pixel_dtype)
         self.fault = fault
