@@ -177,7 +177,9 @@ def load_associations(dir: str | os.PathLike) -> dict[str, FeatureAssociation] |
 
 
 def engine_associations(engine) -> dict[str, FeatureAssociation]:
-    """The associations stored beside the engine's profiles, else measured on its labelled index."""
+    """The associations stored beside the engine's profiles, else measured on its labelled index;
+    {} when neither exists (nothing labelled to measure them on). Kept on the engine either way,
+    so an index without them does not re-encode its corpus on every query that asks."""
     if getattr(engine, "_associations", None) is not None:
         return engine._associations
     assoc = None
@@ -190,11 +192,8 @@ def engine_associations(engine) -> dict[str, FeatureAssociation]:
 
         codes = load_or_compute_codes(engine.store, engine.require_sae(), engine.sae_dir)
         assoc = measure_associations(codes, engine.attributes) or None
-    if assoc is None:
-        raise SaefeError("no feature-attribute associations: they are measured from labelled images "
-                         "(`saefe labels --annotations` on an annotated index with this SAE)")
-    engine._associations = assoc
-    return assoc
+    engine._associations = assoc or {}
+    return engine._associations
 
 
 # -- the audit report -----------------------------------------------------------------------------
@@ -259,10 +258,7 @@ def audit_label(engine, label: str, attribute: str, top: int = 10, threshold: fl
     gthr = DEFAULT_GAP_THRESHOLD if gap_threshold is None else float(gap_threshold)
     profiles = engine.require_profiles()
     label = profiles.labels[profiles.label_index(label)]
-    try:
-        assoc = engine_associations(engine)
-    except SaefeError:
-        assoc = {}
+    assoc = engine_associations(engine)
     key = attribute.strip().lower()
     fa = next((v for a, v in assoc.items() if a.lower() == key or key in (g.lower() for g in v.groups)), None)
     dem = engine.demographics

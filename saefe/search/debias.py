@@ -139,10 +139,7 @@ def corpus_flags(engine, attrs, threshold: float | None) -> dict[str, np.ndarray
     images); attributes that no labelled images measured are left out."""
     from saefe.analysis.audit import DEFAULT_THRESHOLD, engine_associations
 
-    try:
-        assoc = engine_associations(engine)
-    except SaefeError:
-        return {}
+    assoc = engine_associations(engine)
     thr = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     return {ag.name: assoc[ag.name].flagged(thr) for ag in attrs if ag.name in assoc}
 
@@ -173,9 +170,14 @@ def plan_ablation(engine, parts, mode, k, cfg, attrs, targets, info, calibrated:
 
     strengths = {a: 1.0 for a in flags}
     if calibrated:
-        strengths, dev = loc.calibrate_each(
-            lambda st: local_ids(engine, _ranked(engine, _query(engine, parts, mode, cut(st)), mode, k)),
-            attrs, targets, cfg.tolerance, ABLATE_GRID)
+        def search(st: dict[str, float]) -> np.ndarray:
+            return local_ids(engine, _ranked(engine, _query(engine, parts, mode, cut(st)), mode, k))
+
+        if any(f[feats].any() for f in flags.values()):
+            strengths, dev = loc.calibrate_each(search, attrs, targets, cfg.tolerance, ABLATE_GRID)
+        else:  # nothing to take weight from: calibration would search the same query ~6 times and keep 0
+            strengths = {a: float(ABLATE_GRID[0]) for a in flags}
+            dev = loc.deviation(attrs, targets, search(strengths))
         _note_met(info, dev, cfg, "ablation")
     out = cut(strengths)
     info.ablation = {"strength": max(strengths.values()), "strengths": strengths, "calibrated": calibrated,
