@@ -97,20 +97,25 @@ def _to_match(r, root: str | None = None) -> list:
 
 class QueryPlanner:
     """Turns the JSON terms into one query vector with an engine; raises QueryError on bad input.
-    ``live`` (saefe.search.live.LiveEngine) hands out the current engine of a reloadable index."""
+    ``live`` (saefe.search.live.LiveEngine) hands out the current engine of a reloadable index:
+    :meth:`run` takes it once per request, so parsing and searching see one index generation."""
 
     def __init__(self, live, max_k: int = MAX_K, dedup_threshold: float | str | None = "auto"):
         self.live = live
         self.max_k = int(max_k)
         self.dedup_threshold = dedup_threshold
 
-    @property
-    def engine(self):
-        return self.live.engine
-
-    @property
-    def dim(self) -> int:
-        return int(self.engine.dim)
+    def run(self, body, on_parsed=None) -> dict:
+        """Blocking (a worker thread: taking the engine may reopen the index): validate ``body``
+        and search it, all against one engine. ``on_parsed(parsed)`` is called once the request
+        is valid, before the search."""
+        engine = self.live.engine  # one engine (one index generation) for the whole request
+        parsed, k = self.parse(body, engine)
+        opts = self.options(body)
+        debias = self.parse_debias(body)
+        if on_parsed is not None:
+            on_parsed(parsed)
+        return self.search(parsed, k, opts, debias, engine)
 
     def options(self, body) -> dict:
         """offset / where / dedup_threshold of a request body (validated; defaults filled in)."""
@@ -155,7 +160,7 @@ class QueryPlanner:
         except SaefeError as e:
             raise QueryError(f"debias: {e}") from None
 
-    def parse(self, body) -> tuple[list[tuple[str, object, float]], int]:
+    def parse(self, body, engine) -> tuple[list[tuple[str, object, float]], int]:
         if not isinstance(body, dict):
             raise QueryError("request must be a JSON object with 'terms'")
         terms = body.get("terms")
@@ -184,17 +189,18 @@ class QueryPlanner:
             if not kinds:
                 raise QueryError(f"term {i} has none of {', '.join(TERM_TYPES)}")
             for kind in kinds:  # the original adds every kind a term carries
-                parsed.append((kind, self._check(i, kind, term[kind]), float(weight)))
+                parsed.append((kind, self._check(i, kind, term[kind], engine), float(weight)))
         return parsed, int(k)
 
-    def _check(self, i: int, kind: str, value):
+    def _check(self, i: int, kind: str, value, engine):
         if kind == "embedding":
             if not isinstance(value, list) or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in value
             ):
                 raise QueryError(f"term {i} embedding must be an array of numbers")
-            if len(value) != self.dim:
-                raise QueryError(f"term {i} embedding has dimension {len(value)}, expected {self.dim}")
+            dim = int(engine.dim)
+            if len(value) != dim:
+                raise QueryError(f"term {i} embedding has dimension {len(value)}, expected {dim}")
             return _normalised(np.asarray(value, dtype=np.float32), f"term {i} embedding")
         if kind == "text":
             if not isinstance(value, str) or not value.strip():
@@ -212,8 +218,8 @@ class QueryPlanner:
                 raise QueryError(f"term {i} image is empty")
             return data
         # predefined_embedding
-        if not isinstance(value, str) or value not in self.engine.predefined:
-            names = ", ".join(sorted(self.engine.predefined)) or "none on this server"
+        if not isinstance(value, str) or value not in engine.predefined:
+            names = ", ".join(sorted(engine.predefined)) or "none on this server"
             raise QueryError(f"term {i}: unknown predefined_embedding {value!r} (available: {names})")
         return value
 
@@ -236,9 +242,8 @@ class QueryPlanner:
                 raise QueryError(f"image term: cannot decode image ({type(e).__name__})") from None
             raise
 
-    def query_vector(self, parsed, engine=None) -> np.ndarray:
+    def query_vector(self, parsed, engine) -> np.ndarray:
         """Blocking: the weighted sum of the terms' unit embeddings, normalised."""
-        engine = engine or self.engine
         total = np.zeros(int(engine.dim), np.float32)
         for kind, value, weight in parsed:
             v = self.term_vector(kind, value, engine)
@@ -260,13 +265,12 @@ class QueryPlanner:
                 parts.append(Part(weight, vector=_normalised(v, f"{kind} term embedding").astype(np.float64)))
         return parts
 
-    def search(self, parsed, k: int, opts: dict | None = None, debias=None) -> dict:
+    def search(self, parsed, k: int, opts: dict, debias, engine) -> dict:
         """One page: {"matches", "group_sizes", "offset", "has_more", "next_offset"} (blocking);
-        with ``debias`` (a DebiasConfig) also "debias" (what was done), and no paging."""
+        with ``debias`` (a DebiasConfig, or None) also "debias" (what was done), and no paging.
+        ``engine``: the one ``parsed`` was validated against."""
         from saefe.errors import RemoteError, SaefeError
 
-        opts = opts or {"offset": 0, "where": None, "dedup": self.dedup_threshold}
-        engine = self.engine  # one engine (one index generation) for the whole request
         info = None
         try:
             if debias is not None:
@@ -318,15 +322,7 @@ def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | str | None = "
     one_blas_thread_per_request()
     live = engine if isinstance(engine, LiveEngine) else LiveEngine.static(engine)
     planner = QueryPlanner(live, max_k, dedup_threshold)
-    names_of: dict[int, list[str]] = {}
-
-    def predefined_names(eng) -> list[str]:  # computed once per engine, off the event loop
-        if id(eng) not in names_of:
-            names_of.clear()
-            names_of[id(eng)] = sorted(eng.predefined)
-        return names_of[id(eng)]
-
-    predefined_names(live.engine)
+    _ = live.engine.predefined  # build the label directions now, not on the first request
     executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="saefe-backend-engine")
     metrics = Metrics()
     metrics.counter("saefe_backend_queries_total", "Search requests by status")
@@ -342,6 +338,10 @@ def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | str | None = "
     def reply(obj, status: int = 200):
         return web.json_response(obj, status=status, headers=cors)
 
+    def count_terms(parsed) -> None:
+        for kind, _, _ in parsed:
+            metrics.inc("saefe_backend_terms_total", type=kind)
+
     async def search(request):
         t0 = time.perf_counter()
         try:
@@ -351,13 +351,9 @@ def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | str | None = "
                 raise QueryError(f"request body exceeds {MAX_BODY} bytes") from None
             except ValueError:
                 raise QueryError("request body is not valid JSON") from None
-            parsed, k = planner.parse(body)
-            opts = planner.options(body)
-            debias = planner.parse_debias(body)
-            for kind, _, _ in parsed:
-                metrics.inc("saefe_backend_terms_total", type=kind)
+            # validate and search on a worker thread: taking the engine may reopen the index
             loop = asyncio.get_running_loop()
-            page = await loop.run_in_executor(executor, planner.search, parsed, k, opts, debias)
+            page = await loop.run_in_executor(executor, planner.run, body, count_terms)
             status, out = 200, {**page, "formats": [], "extensions": {}}
         except QueryError as e:
             metrics.inc("saefe_backend_errors_total", reason="bad_request")
@@ -371,14 +367,16 @@ def make_app(engine, max_k: int = MAX_K, dedup_threshold: float | str | None = "
         return reply(out, status)
 
     async def info(request):
+        def facts() -> dict:  # taking the engine may reopen a new generation: off the event loop
+            eng = live.engine
+            return {
+                "n_total": int(eng.n_total),
+                "predefined_embedding_names": sorted(eng.predefined),
+                "d_emb": int(eng.dim),
+            }
+
         loop = asyncio.get_running_loop()
-        eng = await loop.run_in_executor(executor, lambda: live.engine)  # may reopen a new generation
-        names = await loop.run_in_executor(executor, predefined_names, eng)
-        return reply({
-            "n_total": int(eng.n_total),
-            "predefined_embedding_names": names,
-            "d_emb": int(eng.dim),
-        })
+        return reply(await loop.run_in_executor(executor, facts))
 
     async def reload(request):
         try:

@@ -40,10 +40,10 @@ def config(method: str | None, protect: Sequence[str] | str | None, target: str 
     return DebiasConfig.parse(method, protect if protect else None, (target or "corpus").strip() or "corpus")
 
 
-def search(app: "SaefeApp", terms, mode: str, k, cfg: DebiasConfig | None):
+def search(engine, terms, mode: str, k, cfg: DebiasConfig | None):
     """(results, bias panel markdown, status suffix): with ``cfg``, the debiased results and a
-    before/after table against the same query without debiasing."""
-    engine = app.engine
+    before/after table against the same query without debiasing. ``engine``: the one the request
+    took (one index generation for both searches)."""
     results = engine.search(terms, k=k, mode=mode, debias=cfg)
     try:
         after = bias_json(engine, results)

@@ -84,15 +84,6 @@ class SaefeApp:
             raise SaefeError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
         return mode
 
-    def run_mix(self, mix, mode: str, k) -> tuple[list[SearchResult], np.ndarray]:
-        mode = self._check_mode(mode)
-        if mix.is_zero():
-            raise SteeringError("all sliders are zero: set an emotion, move a slider or enter an expression")
-        vec = self.engine.direction(mix)
-        if mode == "direction":
-            return self.engine.search_vector(vec, k), vec
-        return self.engine.search_features(mix, k), vec
-
     def results_json(self, results: Sequence[SearchResult], start: int = 1, engine=None) -> list[dict[str, Any]]:
         engine = engine or self.engine
         return [result_json(engine, r, i) for i, r in enumerate(results, start)]
@@ -256,7 +247,7 @@ class SaefeApp:
         cfg = self._debias_cfg(debias, where)
         vec = e.direction(mix)
         if cfg is not None:  # fair re-ranking reorders a whole list: no paging or collapse on top
-            results, md, note = fairness.search(self, [Term("features", mix.to_dict())], mode, k, cfg)
+            results, md, note = fairness.search(e, [Term("features", mix.to_dict())], mode, k, cfg)
             return self._show_results(e, results, vec, f"({mode} mode){note} — {mix_summary(mix)}", mix.to_dict(), md)
         if mode == "direction":
             spec = self._spec("vector", k, where, dedup_on, threshold, vec=vec.tolist())
@@ -267,7 +258,7 @@ class SaefeApp:
 
     def _search_text(self, text, k, debias=(None, None, None), where="", dedup_on=True, threshold=None):
         e = self.engine
-        return self._search_term(e, Term("text", text), e.embed_text(text), k, debias, where, dedup_on, threshold,
+        return self._search_term(e, e.embed_text(text), k, debias, where, dedup_on, threshold,
                                  f"for text {str(text).strip()!r}")
 
     def _search_image(self, image, k, debias=(None, None, None), where="", dedup_on=True, threshold=None):
@@ -275,15 +266,16 @@ class SaefeApp:
             raise SaefeError("upload an image first")
         e = self.engine
         data = _read_bytes(image)
-        return self._search_term(e, Term("image", data), e.embed_image(data), k, debias, where, dedup_on, threshold,
+        return self._search_term(e, e.embed_image(data), k, debias, where, dedup_on, threshold,
                                  "for the uploaded image")
 
-    def _search_term(self, e, term, vec, k, debias, where, dedup_on, threshold, what):
+    def _search_term(self, e, vec, k, debias, where, dedup_on, threshold, what):
+        """A text or image query already embedded (``vec``) by ``e``: the encoder runs once."""
         from saefe.serve.app import fairness
 
         cfg = self._debias_cfg(debias, where)
         if cfg is not None:
-            results, md, note = fairness.search(self, [term], "direction", k, cfg)
+            results, md, note = fairness.search(e, [Term("embedding", vec)], "direction", k, cfg)
             return self._show_results(e, results, vec, f"{what}{note}", None, md)
         return self._show(e, self._spec("vector", k, where, dedup_on, threshold, vec=np.asarray(vec).tolist()), vec, what)
 
