@@ -6,6 +6,7 @@ each carries an ``EncoderInfo`` and refuses to be combined with an artefact from
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -74,3 +75,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read in ``bufsize`` blocks (weights can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()

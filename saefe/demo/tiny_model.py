@@ -14,13 +14,13 @@ fall-back to random weights (which would make every demo artefact silently meani
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from saefe.errors import ModelLoadError
+from saefe.manifest import file_sha256
 
 DEMO_MODEL_ID = "saefe/demo-siglip"
 DEMO_ALIASES = {"demo", DEMO_MODEL_ID}
@@ -145,12 +145,7 @@ def make_tiny_siglip(out_dir: str | os.PathLike, cfg: TinySiglipConfig | None = 
     return write_model_dir(model, out_dir, cfg, fp16=False, model_id=RANDOM_MODEL_ID)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = file_sha256  # the name train_model and the tests use
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,7 +157,7 @@ def _checked(path: str, size: int, mtime_ns: int) -> None:
         expected = json.loads(record_path.read_text()).get("weights_sha256")
     except (OSError, ValueError):
         expected = None
-    if expected and sha256_file(Path(path)) != expected:
+    if expected and file_sha256(path) != expected:
         raise ModelLoadError(f"demo model weights {path} are corrupt (SHA-256 differs from {record_path.name}); {RESTORE_HINT}")
     try:
         from safetensors import safe_open

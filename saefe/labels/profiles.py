@@ -37,7 +37,7 @@ import numpy as np
 
 from saefe.labels.annotations import Membership, MembershipReport
 from saefe.errors import CorpusError, IncompatibleError, SaefeError, SteeringError
-from saefe.manifest import EncoderInfo, read_json, write_json_atomic
+from saefe.manifest import EncoderInfo, file_sha256, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,6 @@ ENCODE_CHUNK = 4096
 
 
 # -- SAE identity -------------------------------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sae_fingerprint(sae) -> str:

@@ -18,7 +18,6 @@ by older versions (schema 1: ``codes_csr.npz`` / ``codes_csc.npz``) are still re
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from saefe.errors import CorpusError, IncompatibleError, SaefeError
-from saefe.manifest import EncoderInfo, read_json, write_json_atomic
+from saefe.manifest import EncoderInfo, file_sha256, read_json, write_json_atomic
 from saefe.sae.codes_store import SCHEMA_VERSION, open_arrays
 from saefe.sae.model import CONFIG_NAME, WEIGHTS_NAME, TopKSAE
 
@@ -53,11 +52,7 @@ def weights_hash(sae_dir: str | os.PathLike) -> str:
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _hash_cache:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while b := f.read(1 << 22):
-                h.update(b)
-        _hash_cache[key] = h.hexdigest()
+        _hash_cache[key] = file_sha256(p)
     return _hash_cache[key]
 
 

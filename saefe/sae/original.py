@@ -14,7 +14,6 @@ the attacker's choosing, ...) makes the load fail before anything runs, and the 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from saefe.errors import SaefeError
-from saefe.manifest import EncoderInfo
+from saefe.manifest import EncoderInfo, file_sha256
 from saefe.sae.model import SAEConfig, TopKSAE
 
 log = logging.getLogger(__name__)
@@ -149,14 +148,6 @@ def parse_checkpoint(obj: Any, top_k: int | None = None) -> tuple[SAEConfig, dic
             raise SaefeError(f"{name} contains NaN or inf values")
     state = {k2: v.to(torch.float32) for k2, v in state.items()}
     return config, state, _plain(orig_cfg) if orig_cfg is not None else {}
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def import_sae(
