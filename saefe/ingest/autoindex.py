@@ -2,8 +2,9 @@
 
 1. Kinds from the memory budget (autofaiss-style estimates, ``index.memory_estimate``): the
    approximate candidate is HNSW (CPU) or IVF (GPU) in fp32, else IVF-SQ8; the exact fallback is
-   flat-fp16 (the store's own fp16 vectors: exact), else flat-sq8. When nothing in RAM fits, the
-   on-disk IVF-PQ kind of issue 14 is the way out (``ondisk_candidate`` is its hook).
+   flat-fp16 (the store's own fp16 vectors: exact), else flat-sq8. When nothing in RAM fits the
+   budget, ``auto`` builds the on-disk IVF-PQ (``wants_ondisk``; index_ondisk.py), whose lists
+   stay on disk.
 2. The exact scan's single-query latency is timed on a sample of rows and scaled to N (a scan
    is linear in N), so it costs seconds, not a second copy of the corpus.
 3. The candidate is built and tuned for the recall target; tuning stops early once a query gets
@@ -41,10 +42,18 @@ def _mb(b: int) -> str:
     return f"{b / 2**20:,.0f} MB"
 
 
-def ondisk_candidate(n: int, d: int, cfg: IndexConfig) -> str | None:
-    """Hook for an on-disk index kind (issue 14's IVF-PQ with inverted lists on disk): return its
-    kind name when the in-RAM kinds exceed ``cfg.max_memory`` and it fits; None until it exists."""
-    return None
+def wants_ondisk(cfg: IndexConfig, n: int, d: int) -> bool:
+    """``auto`` under a memory budget that no in-RAM kind fits, exact or approximate: True when the
+    on-disk IVF-PQ's resident part (centroids, OPQ, codebooks; the lists are memory-mapped) fits."""
+    from saefe.ingest.index_sizing import estimate_memory
+
+    if cfg.kind != "auto" or not cfg.max_memory or n <= cfg.flat_max:
+        return False
+    try:
+        plan_kinds(cfg, n, d, has_gpu=False)
+        return False
+    except SaefeError:
+        return estimate_memory("ivfpq-ondisk", n, d, cfg.ondisk) <= cfg.max_memory
 
 
 def plan_kinds(cfg: IndexConfig, n: int, d: int, has_gpu: bool) -> tuple[str | None, str, list[str]]:
@@ -63,13 +72,11 @@ def plan_kinds(cfg: IndexConfig, n: int, d: int, has_gpu: bool) -> tuple[str | N
         candidate = next((k for k in prefs if fits(k)), None)
         if candidate != prefs[0] and budget:
             notes.append(f"budget {_mb(budget)} rules out {prefs[0]} ({_mb(memory_estimate(prefs[0], n, d, cfg))})")
-        if candidate is None:
-            candidate = ondisk_candidate(n, d, cfg)
     if exact is None and candidate is None:
         raise SaefeError(
             f"no index over {n} x {d} vectors fits --max-index-memory {_mb(budget)}: the smallest in-RAM kind, "
-            f"flat-sq8, needs {_mb(memory_estimate('flat-sq8', n, d, cfg))}; raise the budget (an on-disk "
-            "IVF-PQ index is the way to go below that)")
+            f"flat-sq8, needs {_mb(memory_estimate('flat-sq8', n, d, cfg))}; raise the budget (`auto` builds "
+            "ivfpq-ondisk below that when its resident part fits)")
     if exact is None:  # only the candidate fits: keep it whatever it measures
         notes.append("no exact scan fits the budget")
     return candidate, exact, notes
@@ -158,4 +165,4 @@ def record_measurement(vi, vectors: np.ndarray, cfg: IndexConfig) -> None:
             f"({ex_ms / ms:.1f}x) on {nq} held-out queries", [])
 
 
-__all__ = ["EXACT_KINDS", "build_auto", "plan_kinds", "ondisk_candidate", "record_measurement"]
+__all__ = ["EXACT_KINDS", "build_auto", "plan_kinds", "record_measurement", "wants_ondisk"]

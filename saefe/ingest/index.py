@@ -254,11 +254,18 @@ def build_saved_index(dir: str | os.PathLike, cfg: IndexConfig, progress: bool =
     who fills the shards, e.g. Ray tasks; default this process)."""
     d = Path(dir)
     vectors = np.load(d / vectors_file, mmap_mode="r", allow_pickle=False)
-    kind = resolve_kind(cfg, len(vectors))
+    from saefe.ingest.autoindex import wants_ondisk
+
+    past_ram = wants_ondisk(cfg, *vectors.shape)
+    kind = "ivfpq-ondisk" if past_ram else resolve_kind(cfg, len(vectors))
     if kind in ONDISK_KINDS:
         from saefe.ingest.index_ondisk import OnDiskParams, build_ondisk
 
-        return build_ondisk(d, cfg, OnDiskParams(**cfg.ondisk), vectors_file, progress=progress, map_shards=map_shards)
+        vi = build_ondisk(d, cfg, OnDiskParams(**cfg.ondisk), vectors_file, progress=progress, map_shards=map_shards)
+        if past_ram:
+            vi.params["choice"] = (f"{kind}: no in-RAM index over {len(vectors)} vectors fits --max-index-memory "
+                                   f"{cfg.max_memory / 2**20:,.0f} MB; its lists stay on disk")
+        return vi
     vi = VectorIndex.build(vectors, cfg, progress=progress)
     vi.save(d)
     for stale in d.glob("index-*.ivfdata"):  # a previous on-disk index's lists

@@ -115,3 +115,28 @@ def test_cli_build_with_ondisk_index(tmp_path, capsys):
     _, ids = vi.search(vectors[:3], 1)
     assert ids[:, 0].tolist() == [0, 1, 2]  # each stored image finds itself
     assert json.loads((out / "manifest.json").read_text())["index_type"] == "ivfpq-ondisk"
+
+
+def test_auto_goes_on_disk_only_when_nothing_in_ram_fits_the_budget():
+    from saefe.ingest.autoindex import wants_ondisk
+
+    n, d = 100_000_000, 1152
+    assert wants_ondisk(IndexConfig(max_memory=2 << 30), n, d)  # not even flat-sq8 (115 GB) fits
+    assert not wants_ondisk(IndexConfig(max_memory=600 << 30), n, d)  # HNSW fits: stays in RAM
+    assert not wants_ondisk(IndexConfig(), n, d)  # no budget: no reason to leave RAM
+    assert not wants_ondisk(IndexConfig(kind="hnsw", max_memory=2 << 30), n, d)  # a kind asked for wins
+    assert not wants_ondisk(IndexConfig(max_memory=1 << 20), n, d)  # the on-disk index's own part does not fit
+
+
+def test_auto_past_the_budget_builds_the_ondisk_index_and_says_why(store, tmp_path, monkeypatch):
+    import shutil
+
+    from saefe.ingest import autoindex
+
+    d = tmp_path / "index"
+    shutil.copytree(store, d)
+    monkeypatch.setattr(autoindex, "wants_ondisk", lambda cfg, n, dim: True)  # a 3k store fits any real budget
+    cfg = IndexConfig(kind="auto", use_gpu=False, max_memory=64 << 20,
+                      ondisk={"nlist": 16, "pq_m": 8, "nbits": 6, "shard_size": 1000})
+    vi = build_saved_index(d, cfg)
+    assert isinstance(vi, OnDiskIndex) and "no in-RAM index" in vi.params["choice"]
