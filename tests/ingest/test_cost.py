@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-from PIL import Image
 
+from fixtures.folders import make_folder
 from saefe.ingest import cost
 from saefe.ingest.build import BuildConfig, BuildSummary, build_index
 from saefe.ingest.cost import CostEstimate, format_duration, format_rate
@@ -53,10 +52,7 @@ def test_short_builds_stay_quiet(caplog):
 
 def test_build_reports_after_its_first_batch(tmp_path, caplog, monkeypatch, saefe_home):
     monkeypatch.setattr(cost, "QUIET_BELOW_S", 0.0)
-    rng = np.random.default_rng(0)
-    (tmp_path / "imgs").mkdir()
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    make_folder(tmp_path / "imgs", n=5, bad=False)
     with caplog.at_level(logging.INFO, logger="saefe.ingest.build"):
         s = build_index(BuildConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "o"), progress=False))
     msgs = [r.getMessage() for r in caplog.records if "images/s on the first batch" in r.getMessage()]

@@ -42,11 +42,8 @@ def test_plan_declines_what_it_cannot_reproduce():
     assert PixelPlan.from_processor(object()) is None
 
 
-def test_encoder_embeds_the_same_through_either_path(tmp_path):
-    from saefe.demo.tiny_model import make_tiny_siglip
-    from saefe.ingest.encoder import SiglipEncoder
-
-    enc = SiglipEncoder.from_pretrained(str(make_tiny_siglip(tmp_path / "m")), device="cpu")
+def test_encoder_embeds_the_same_through_either_path(demo_encoder):
+    enc = demo_encoder
     imgs = _images(6)
     assert enc.pixel_plan is not None and enc.preprocess_cpu(imgs).dtype == torch.uint8
     fast = enc.embed_images(imgs)
@@ -54,14 +51,13 @@ def test_encoder_embeds_the_same_through_either_path(tmp_path):
     np.testing.assert_allclose(fast, slow, atol=1e-5)
 
 
-def test_the_model_gets_channels_last_pixels_whatever_the_loader_made(tmp_path):
+def test_the_model_gets_channels_last_pixels_whatever_the_loader_made(demo_encoder):
     """encoder.model_layout: the tower always sees channels-last memory (cuDNN's fast layout for the
     patch convolution), so contiguous and channels-last uint8 give the same vectors bit for bit,
     and the layout changes no value (equal to a plain NCHW pass up to float rounding)."""
-    from saefe.demo.tiny_model import make_tiny_siglip
-    from saefe.ingest.encoder import SiglipEncoder, l2_normalise
+    from saefe.ingest.encoder import l2_normalise
 
-    enc = SiglipEncoder.from_pretrained(str(make_tiny_siglip(tmp_path / "m")), device="cpu")
+    enc = demo_encoder
     imgs = _images(5)
     view = enc.preprocess_cpu(imgs)  # the thread loader's (n, 3, H, W) view of HWC memory
     assert view.is_contiguous(memory_format=torch.channels_last)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from fixtures.folders import _img as folder_img
 from saefe.errors import CorpusError, IncompatibleError
 from saefe.ingest.build import BuildConfig, build_index
 from saefe.ingest.store import EmbeddingStore, read_manifest
@@ -19,9 +20,7 @@ from saefe.ingest.index import VectorIndex
 
 
 def _img(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    a = np.clip(rng.integers(0, 255, 3) + rng.normal(0, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(a)
+    return folder_img(seed, (24, 24), noise=40)
 
 
 def _folder(root: Path, seeds) -> Path:

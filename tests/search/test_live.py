@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from saefe.ingest.build import BuildConfig, build_index
 from saefe.search.engine import Engine
+from fixtures.folders import _img as folder_img
 from saefe.search.live import LiveEngine
 from saefe.serve.backend_server import make_app
 from saefe.serve.clip_server import start_in_thread
@@ -20,9 +19,7 @@ from saefe.serve.clip_server import start_in_thread
 def _imgs(root: Path, seeds) -> None:
     (root / "cats").mkdir(parents=True, exist_ok=True)
     for s in seeds:
-        rng = np.random.default_rng(s)
-        a = np.clip(rng.integers(0, 255, 3) + rng.normal(0, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(a).save(root / ("cats" if s % 2 else "") / f"i{s:03d}.png")
+        folder_img(s, (20, 20), noise=40).save(root / ("cats" if s % 2 else "") / f"i{s:03d}.png")
 
 
 @pytest.fixture()
