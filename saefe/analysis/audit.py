@@ -238,10 +238,11 @@ def _local_gaps(engine, label: str, ag, feats: list[int], per_group: int) -> tup
     """(F,) each feature's Cohen's d among the label query's nearest images, towards the group most
     over its corpus share in the label's top 100 (what ``ablate`` measures on a search)."""
     from saefe.search import debias_local as loc
+    from saefe.search.debias import ranked_ids
     from saefe.search.engine import Term
 
     q = engine.direction(engine.mix(Term("label", label)))
-    ranked = np.array([r.id for r in engine.search_vector(q, min(10_000, max(1, int(engine.n_total))))], np.int64)
+    ranked = ranked_ids(engine, q, "direction", min(10_000, max(1, int(engine.n_total))))
     targets = {ag.name: np.nan_to_num(ag.base_rates())}
     nb, gaps = loc.query_gaps(ranked, [ag], targets, 100, per_group, engine.ranker.postings, feats)
     over = loc.over_groups([ag], targets, ranked[:100])[ag.name]
