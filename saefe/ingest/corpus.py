@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,24 @@ class ImageCorpus(Protocol):
     def read(self, i: int) -> tuple[bytes, dict[str, Any]]:
         """Bytes of item i and its metadata; raises OSError if it cannot be read."""
         ...
+
+
+class IndexedView:
+    """Items ``idx`` of ``base`` as a corpus of their own (position j -> base item ``idx[j]``): an
+    update's build order (old rows first, then new items) or one Ray task's items."""
+
+    def __init__(self, base: ImageCorpus, idx: Sequence[int]):
+        self.base, self.idx = base, idx
+        self.kind, self.source = base.kind, base.source
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def key(self, j: int) -> str:
+        return self.base.key(self.idx[j])
+
+    def read(self, j: int) -> tuple[bytes, dict[str, Any]]:
+        return self.base.read(self.idx[j])
 
 
 @dataclass

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from saefe.errors import CorpusError, IncompatibleError
 from saefe.ingest.build import (SKIPPED, BuildConfig, BuildSummary, _build_key, build_generation, clean_vectors,
                                 generation_manifest, summary_of)
 from saefe.ingest.loader import REUSE, Item
-from saefe.ingest.corpus import FolderCorpus, ImageCorpus
+from saefe.ingest.corpus import FolderCorpus, ImageCorpus, IndexedView
 from saefe.ingest.models import canonical_model_id
 from saefe.ingest.store import METADATA, EmbeddingStore, _plain, read_manifest, write_manifest, write_store
 from saefe.manifest import EncoderInfo, read_json
@@ -48,23 +49,6 @@ REMAP = "remap.npy"
 INTERNAL = ("_old_row", "_embedded")
 UPDATE_KEYS = ("added", "changed", "removed", "unchanged")
 NO_RETRY = ("unreadable", "changed while being read", "kept the previous version")
-
-
-class _View:
-    """An ImageCorpus in a chosen order (old rows first, then new items)."""
-
-    def __init__(self, base: ImageCorpus, order: list[int]):
-        self.base, self.order = base, order
-        self.kind, self.source = base.kind, base.source
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def key(self, i: int) -> str:
-        return self.base.key(self.order[i])
-
-    def read(self, i: int):
-        return self.base.read(self.order[i])
 
 
 @dataclass
@@ -91,6 +75,42 @@ class ReusePlan:
         s, m = md["file_size"].iat[r], md["mtime_ns"].iat[r]
         return None if pd.isna(s) or pd.isna(m) else (int(s), int(m))
 
+    def _old_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(size, mtime_ns, known) per old row, as ``_stat`` reads them (NaN/missing: not known)."""
+        s, m = self.old.metadata["file_size"], self.old.metadata["mtime_ns"]
+        known = ~(s.isna().to_numpy() | m.isna().to_numpy())
+        return s.to_numpy(dtype=np.int64, na_value=0), m.to_numpy(dtype=np.int64, na_value=0), known
+
+    def _skips_again(self, i: int) -> bool:
+        """Whether ``before_read`` answers position i from last build's skip record."""
+        rec = self.skip_again.get(i)
+        st = self.stats[i]
+        if rec is None or st is None or st != (rec["file_size"], rec["mtime_ns"]):
+            return False
+        return rec["reason"] != "duplicate" or rec.get("sha256") in self.sha_rows  # a duplicate while its twin is kept
+
+    @cached_property
+    def answered(self) -> np.ndarray:
+        """Per position: True where ``before_read`` answers the item without reading it (its
+        old row with the same size + mtime, or last build's skip again). Computed once, in
+        numpy: the per-item passes (nothing_to_do, estimated_embeds, the Ray rows) only count it."""
+        n = len(self.old_rows)
+        ans = np.zeros(n, bool)
+        pos = np.flatnonzero(self.old_rows >= 0)
+        pos = pos[np.fromiter((self.stats[i] is not None for i in pos), bool, len(pos))]
+        if len(pos) and "file_size" in self.old.metadata.columns and "mtime_ns" in self.old.metadata.columns:
+            rows = self.old_rows[pos]
+            try:
+                size, mtime, known = self._old_stats()
+            except (TypeError, ValueError, OverflowError):  # a column numpy cannot read as int64: row by row
+                ans[pos] = [self.stats[i] == self._stat(int(r)) for i, r in zip(pos, rows)]
+            else:
+                st = np.array([self.stats[i] for i in pos], dtype=np.int64).reshape(len(pos), 2)
+                ans[pos] = known[rows] & (size[rows] == st[:, 0]) & (mtime[rows] == st[:, 1])
+        for i in self.skip_again:
+            ans[i] = ans[i] or self._skips_again(i)
+        return ans
+
     def old_meta(self, r: int) -> dict[str, Any]:
         rec = self.old.metadata.iloc[int(r)].to_dict()
         return {k: _plain(v) for k, v in rec.items() if k not in INTERNAL}
@@ -99,20 +119,21 @@ class ReusePlan:
         return np.asarray(self.old.vectors[int(r)], dtype=np.float32)
 
     def before_read(self, i: int) -> Item | None:
+        if not self.answered[i]:  # to be read (most of a first-time or dataset corpus): no pandas work
+            return None
         r = int(self.old_rows[i])
         st = self.stats[i]
         if r >= 0 and st is not None and st == self._stat(r):
             return i, None, {**self.old_meta(r), REUSE: r}, None
-        rec = self.skip_again.get(i)
-        if rec is not None and st is not None and st == (rec["file_size"], rec["mtime_ns"]):
+        if self._skips_again(i):  # same size + mtime as when last build skipped it
+            rec = self.skip_again[i]
             meta = {"path": rec["item"], "file_size": st[0], "mtime_ns": st[1]}
             if rec["reason"] != "duplicate":
                 return i, None, meta, rec["reason"]
-            if rec.get("sha256") in self.sha_rows:  # a duplicate: still one if its twin is kept
-                meta["sha256"] = rec["sha256"]
-                r = self.sha_rows[rec["sha256"]]
-                meta.update(width=self.old_meta(r).get("width"), height=self.old_meta(r).get("height"))
-                return i, None, {**meta, REUSE: r}, None
+            meta["sha256"] = rec["sha256"]  # a duplicate: still one, as its twin is kept
+            r = self.sha_rows[rec["sha256"]]
+            meta.update(width=self.old_meta(r).get("width"), height=self.old_meta(r).get("height"))
+            return i, None, {**meta, REUSE: r}, None
         return None
 
     def may_embed(self) -> bool:
@@ -124,7 +145,7 @@ class ReusePlan:
         """Items the plan cannot answer without reading them (at most what gets embedded)."""
         if not self.by_path:
             return len(self.old_rows)
-        return sum(self.before_read(i) is None for i in range(len(self.old_rows)))
+        return int(len(self.answered) - np.count_nonzero(self.answered))
 
     def on_read_error(self, i: int, reason: str) -> Item | None:
         """A stored item that cannot be read now keeps its old row (and old size/mtime, so the
@@ -156,7 +177,7 @@ class ReusePlan:
         if self.removed or not self.by_path:
             return False
         # every item answered without reading: kept rows, bad files and duplicates as they were
-        return all(self.before_read(i) is not None for i in range(len(self.old_rows)))
+        return bool(self.answered.all())
 
 
 def _read_skips(data: Path) -> dict[str, dict[str, Any]]:
@@ -183,7 +204,7 @@ def make_plan(old: EmbeddingStore, corpus: ImageCorpus) -> tuple[ReusePlan, Imag
         present = {p: ci for ci, p in enumerate(corpus.paths)}
         order = [present[p] for p in old_paths if p in present]
         order += [ci for ci, p in enumerate(corpus.paths) if p not in path_row]
-        view = _View(corpus, order)
+        view = IndexedView(corpus, order)  # old rows first (old order), then new items
         stats = [corpus.stat(ci) for ci in order]
         old_rows = np.array([path_row.get(corpus.paths[ci], -1) for ci in order], dtype=np.int64)
         skips = _read_skips(old.data)

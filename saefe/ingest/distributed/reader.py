@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus
+from saefe.ingest.corpus import FolderCorpus, HFDatasetCorpus, ImageCorpus, IndexedView
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,12 @@ class CorpusSpec:
 
     @classmethod
     def of(cls, corpus: ImageCorpus, split: str = "train", builder: str | None = None) -> "CorpusSpec":
-        base = getattr(corpus, "base", corpus)  # an update's ordered view: its underlying corpus
+        base = corpus.base if isinstance(corpus, IndexedView) else corpus  # an update's ordered view
         return cls(corpus.kind, corpus.source, split, getattr(base, "image_column", None), builder)
 
 
 def _base_index(corpus: ImageCorpus, i: int) -> int:
-    order = getattr(corpus, "order", None)  # an update's view reads base item order[i]
-    return int(order[i]) if order is not None else int(i)
+    return int(corpus.idx[i]) if isinstance(corpus, IndexedView) else int(i)  # a view reads base item idx[i]
 
 
 def shard_rows(corpus: ImageCorpus, chunk_size: int, todo: list[int], task_size: int | None = None,
@@ -55,33 +54,18 @@ def shard_rows(corpus: ImageCorpus, chunk_size: int, todo: list[int], task_size:
     return rows
 
 
-class ShardView:
-    """A task's items as a corpus of their own (local index j -> the j-th listed item), so the
-    build's loader runs on it unchanged and yields the single-process metadata."""
-
-    def __init__(self, base: ImageCorpus, idx: list[int]):
-        self.base, self.idx = base, idx
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def key(self, j: int) -> str:
-        return self.base.key(self.idx[j])
-
-    def read(self, j: int):
-        return self.base.read(self.idx[j])
-
-
 _opened: dict[CorpusSpec, ImageCorpus] = {}
 
 
-def open_shard(spec: CorpusSpec, row: dict[str, Any]) -> ShardView:
+def open_shard(spec: CorpusSpec, row: dict[str, Any]) -> IndexedView:
+    """A task's items as a corpus of their own (local index j -> the j-th listed item), so the
+    build's loader runs on it unchanged and yields the single-process metadata."""
     if spec.kind == "folder":
         refs = [str(p) for p in row["refs"]]
-        return ShardView(FolderCorpus(Path(spec.source), refs), list(range(len(refs))))
+        return IndexedView(FolderCorpus(Path(spec.source), refs), list(range(len(refs))))
     if spec not in _opened:  # one open per worker process (memory-mapped Arrow)
         _opened[spec] = HFDatasetCorpus.load(spec.source, spec.split, spec.image_column, spec.builder)
-    return ShardView(_opened[spec], [int(i) for i in row["idx"]])
+    return IndexedView(_opened[spec], [int(i) for i in row["idx"]])
 
 
 def shard_dataset(rows: list[dict[str, Any]]):

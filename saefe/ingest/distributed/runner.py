@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from saefe.errors import SaefeError
 from saefe.ingest.build import BuildConfig, BuildSummary, build_index
 from saefe.ingest.distributed.distributor import RayConfig, failure, session
@@ -88,7 +90,8 @@ class RayEmbedder:
         spans = {c: (c * cfg.chunk_size, min(n, (c + 1) * cfg.chunk_size)) for c in todo}
         run = [c for c in todo if c not in staged]
         # an update: the workers read only what the plan cannot answer from size + mtime
-        items_of = {c: [i for i in range(*spans[c]) if plan.before_read(i) is None] for c in run} if plan is not None else None
+        items_of = {c: (spans[c][0] + np.flatnonzero(~plan.answered[slice(*spans[c])])).tolist() for c in run} \
+            if plan is not None else None
         rows = shard_rows(corpus, cfg.chunk_size, run, self.rc.task_size, items_of)
         done_items = sum(min(cfg.chunk_size, n - c * cfg.chunk_size) for c in committed)
         spec = CorpusSpec.of(corpus, cfg.split, cfg.dataset_builder)
