@@ -31,13 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-
-def table(rows: list[list], head: list[str]) -> str:
-    cells = [[str(c) for c in r] for r in [head, *rows]]
-    w = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))  # noqa: E731
-    return "\n".join([fmt(cells[0]), "  ".join("-" * x for x in w), *map(fmt, cells[1:])])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procstat import table  # noqa: E402
 
 
 def unrelated_queries(engine, skip: str, k: int = 20) -> None:

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procstat import table  # noqa: E402
 
 from saefe.demo.captions import EMOTION_ADJECTIVES, PERSON_NOUNS, TEMPLATES, article  # noqa: E402
 from saefe.demo.corpus import DEMO_AGES, DEMO_EMOTIONS, DEMO_GENDERS, DEMO_TEXT_PROMPTS  # noqa: E402
@@ -86,13 +88,6 @@ def check_held_out() -> None:
     train = {_shape(t) for t in TEMPLATES}
     for tpl in HELD_OUT_COMPOUND_TEMPLATES:
         assert _shape(tpl) not in train, tpl
-
-
-def table(rows: list[list], head: list[str]) -> str:
-    cells = [[str(c) for c in r] for r in [head, *rows]]
-    w = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))  # noqa: E731
-    return "\n".join([fmt(cells[0]), "  ".join("-" * x for x in w), *map(fmt, cells[1:])])
 
 
 def measure(model: str, out: Path, n: int, seed: int) -> dict:

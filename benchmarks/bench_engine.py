@@ -25,6 +25,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procstat import table  # noqa: E402
 
 from saefe.search.feature_rank import FeatureRanker  # noqa: E402
 
@@ -34,13 +36,6 @@ DEMOGRAPHIC = ["Male", "Female", "Kid", "Teenager", "Adult"]
 def pct(ts) -> tuple[float, float]:
     a = np.asarray(ts) * 1000
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
-
-
-def table(rows: list[list], head: list[str]) -> str:
-    cells = [[str(c) for c in r] for r in [head, *rows]]
-    w = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))  # noqa: E731
-    return "\n".join([fmt(cells[0]), "  ".join("-" * x for x in w), *map(fmt, cells[1:])])
 
 
 # -- demo quality ----------------------------------------------------------------------------

@@ -24,12 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from procstat import status_mb  # noqa: E402
-
-
-def rss() -> dict[str, float]:
-    """MB resident: VmRSS, RssAnon (the process' own), RssFile (page cache mapped in)."""
-    return status_mb(("VmRSS", "RssAnon", "RssFile"))
+from procstat import rss_detail as rss  # noqa: E402
 
 
 def chunk_loader(c: int, rows: int, k: int, h: int, seed: int):

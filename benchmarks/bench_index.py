@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from saefe.ingest.index import IndexConfig, VectorIndex, _exact_search, recall_at_k  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from procstat import rss_mb, status_mb  # noqa: E402
+from procstat import rss_detail, rss_mb  # noqa: E402
 
 
 def _clustered_blocks(total: int, d: int, seed: int, topic_size: int, rank: int, block: int = 100_000):
@@ -90,10 +90,6 @@ def synthetic_to_file(path: Path, n: int, n_queries: int, d: int = 1152, seed: i
     del out
     os.replace(tmp, path)
     return queries
-
-
-def rss_detail() -> dict[str, float]:
-    return status_mb(("VmRSS", "RssAnon", "RssFile"))
 
 
 def ondisk_query(workdir: Path, n_queries: int) -> dict:

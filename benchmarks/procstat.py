@@ -19,6 +19,19 @@ def status_mb(keys=KEYS) -> dict[str, float]:
     return out
 
 
+def rss_detail() -> dict[str, float]:
+    """MB resident: VmRSS, RssAnon (the process' own), RssFile (page cache mapped in)."""
+    return status_mb(("VmRSS", "RssAnon", "RssFile"))
+
+
+def table(rows: list[list], head: list[str]) -> str:
+    """A plain-text table for the benchmarks' printouts: first column left-aligned, the rest right."""
+    cells = [[str(c) for c in r] for r in [head, *rows]]
+    w = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))  # noqa: E731
+    return "\n".join([fmt(cells[0]), "  ".join("-" * x for x in w), *map(fmt, cells[1:])])
+
+
 def rss_mb() -> float:
     return status_mb(("VmRSS",))["VmRSS"]
 
