@@ -309,10 +309,9 @@ def _embed_chunks(cfg, corpus, writer, todo, committed, seen, embedder: _Embedde
             accepted, skipped, keep = triage(items, seen)
             vecs = _vectors_for(accepted, px, keep, embedder, plan, cost)
             metas = []
-            for i, _, meta, reuse in accepted:
+            for i, _, meta, _ in accepted:
                 if plan is not None:
                     meta["_old_row"] = plan.identity_row(i, meta)
-                    meta["_embedded"] = reuse < 0
                 metas.append(meta)
             writer.commit(cid, vecs, pd.DataFrame(metas), skipped)
             embedded += sum(a[3] < 0 for a in accepted)

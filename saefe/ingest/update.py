@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 GEN_PREFIX = "gen-"
 REMAP = "remap.npy"
-INTERNAL = ("_old_row", "_embedded")
+INTERNAL = ("_old_row", "_embedded")  # _embedded: written by chunks of older versions, still dropped on resume
 UPDATE_KEYS = ("added", "changed", "removed", "unchanged")
 NO_RETRY = ("unreadable", "changed while being read", "kept the previous version")
 

@@ -181,7 +181,6 @@ class ShardAssembler:
                 vectors[row] = self.plan.vector(reuse) if reuse >= 0 else v
                 if self.plan is not None:
                     meta["_old_row"] = self.plan.identity_row(i, meta)
-                    meta["_embedded"] = reuse < 0
                 metas.append(meta)
             self.writer.commit(cid, vectors, pd.DataFrame(metas), skipped)
             self.stage.remove(cid)
