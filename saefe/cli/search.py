@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from saefe.search.dedup import dedup_option
 from saefe.search.engine import DEMO_INDEX, MODES, Engine, Term
 from saefe.errors import SaefeError
 
@@ -142,8 +143,7 @@ def run_search(args: argparse.Namespace) -> int:
         results = engine.search(terms, k=args.k, mode=args.mode, debias=debias)
     else:
         page = engine.search_page(terms, k=args.k, mode=args.mode, offset=args.offset, where=where,
-                                  dedup=None if args.no_dedup else ("auto" if args.dedup_threshold is None
-                                                                    else args.dedup_threshold))
+                                  dedup=dedup_option(args.dedup_threshold, on=not args.no_dedup))
         results = page.results
     info = getattr(results, "info", None)
     if args.export:

@@ -54,13 +54,13 @@ def backend_arguments(parser) -> None:
 
 def run_backend(args) -> int:
     from saefe.errors import SaefeError
-    from saefe.search.dedup import check_threshold
+    from saefe.search.dedup import dedup_option
     from saefe.search.engine import Engine
     from saefe.search.live import LiveEngine
 
     if args.max_k < 1:
         raise SaefeError(f"--max-k must be at least 1, got {args.max_k}")
-    dedup = "auto" if args.dedup_threshold is None else check_threshold(args.dedup_threshold)
+    dedup = dedup_option(args.dedup_threshold)
     live = LiveEngine(lambda: Engine.open(args.index, model=args.model, sae_dir=args.sae), args.index,
                       check_every=float("inf") if args.no_watch else 2.0)
     engine = live.engine

@@ -45,6 +45,14 @@ def check_threshold(threshold: float | None) -> float | None:
     return t
 
 
+def dedup_option(threshold: float | None, on: bool = True) -> float | str | None:
+    """A user's setting (CLI flag, API field) -> the search option: off when ``on`` is False or
+    the threshold is 0, "auto" (the index's own cosine) when none is given, else the checked cosine."""
+    if not on:
+        return None
+    return "auto" if threshold is None else check_threshold(threshold)
+
+
 def default_threshold(store) -> float:
     """The index's own near-duplicate cosine (its manifest's ``dedup_threshold``), else 0.95."""
     manifest = getattr(store, "manifest", None) or {}

@@ -16,6 +16,7 @@ import numpy as np
 from saefe.analysis.saliency import overlay, smoothgrad
 from saefe.errors import SaefeError, SteeringError
 from saefe.search.bias import DEMOGRAPHICS
+from saefe.search.dedup import dedup_option
 from saefe.search.engine import MODES, Engine, SearchResult, Term
 from saefe.search.live import LiveEngine
 from saefe.search.mix import FeatureMix, evaluate_expression
@@ -32,11 +33,6 @@ log = logging.getLogger("saefe.serve.app")
 
 DEFAULT_K = 20
 DEDUP = None  # API default for dedup_threshold: the index's own near-duplicate cosine; 0 turns it off
-
-
-def _dedup(threshold) -> float | str | None:
-    """API value -> search option: None = the index's own threshold, 0 = off, else the cosine."""
-    return "auto" if threshold is None else (threshold or None)
 
 
 class SaefeApp:
@@ -131,7 +127,7 @@ class SaefeApp:
         term = parse_query(e, query)
         mode = self._check_mode(mode)
         page = e.search_page([term], k=k, mode=mode, offset=_parse_int(offset or 0, "offset"), where=where or None,
-                             dedup=_dedup(dedup_threshold))
+                             dedup=dedup_option(dedup_threshold))
         return self._page_json(e, page, query=query, kind=term.kind, mode=mode)
 
     def api_search_text(self, text: str, k: int = DEFAULT_K) -> dict:
@@ -143,7 +139,7 @@ class SaefeApp:
         """/search_text with paging and filters (as /search_page)."""
         e = self.engine
         page = e.search_page([Term("text", text)], k=k, offset=_parse_int(offset or 0, "offset"), where=where or None,
-                             dedup=_dedup(dedup_threshold))
+                             dedup=dedup_option(dedup_threshold))
         return self._page_json(e, page, query=text, kind="text", mode="direction")
 
     def api_search_image(self, image: str, k: int = DEFAULT_K) -> dict:
